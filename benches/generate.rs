@@ -1,0 +1,73 @@
+//! In-process generation speed: permute + encode, in IDs per second on one
+//! core. Run with `cargo bench --bench generate`. Prints one line per case.
+//!
+//! Cases:
+//! - `permute+encode`: the pure hot loop over a counter range.
+//! - `handle.fill(175)`: the generator's bulk path (blocks, prefetch, flushes).
+//! - `handle.next_id()`: one ID per call.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use tradeid::id::{encode_into, Key, Permutation, ID_LEN, MAX_WIDTH};
+use tradeid::state::{create, Geometry, Header, Store};
+use tradeid::{Generator, GeneratorConfig};
+
+const RUN: Duration = Duration::from_secs(2);
+
+fn main() {
+    pin_to_cpu0();
+    let perm = Permutation::keyed(MAX_WIDTH, Key([0x1234, 0x5678, 0x9abc, 0xdef0]));
+    let mut buf = vec![0u8; 4096 * ID_LEN];
+    let mut counter = 0u64;
+    report("permute+encode", || {
+        for chunk in buf.chunks_exact_mut(ID_LEN) {
+            encode_into(perm.apply(counter), chunk.try_into().unwrap());
+            counter += 1;
+        }
+        black_box(&buf);
+        4096
+    });
+
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("bench.state");
+    create(std::slice::from_ref(&path), &Header::new(Geometry::DEFAULT, false).unwrap()).unwrap();
+    let (store, _) = Store::open(&[path]).unwrap();
+    let generator = Generator::new(store, GeneratorConfig::default());
+    let mut handle = generator.handle().unwrap();
+    let mut reply = [0u8; 175 * ID_LEN];
+    report("handle.fill(175)", || {
+        for _ in 0..64 {
+            handle.fill(&mut reply).unwrap();
+            black_box(&reply);
+        }
+        64 * 175
+    });
+    report("handle.next_id()", || {
+        for _ in 0..4096 {
+            black_box(handle.next_id().unwrap());
+        }
+        4096
+    });
+}
+
+/// Runs `batch` (which returns how many IDs it made) for `RUN` and prints
+/// the rate. The first quarter is warm-up and is not counted.
+fn report(name: &str, mut batch: impl FnMut() -> u64) {
+    let warm = Instant::now();
+    while warm.elapsed() < RUN / 4 {
+        batch();
+    }
+    let start = Instant::now();
+    let mut ids = 0u64;
+    while start.elapsed() < RUN {
+        ids += batch();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!("{name:<20} {:>8.1} M IDs/s  ({:.2} ns/ID)", ids as f64 / secs / 1e6, secs * 1e9 / ids as f64);
+}
+
+fn pin_to_cpu0() {
+    // Best effort: numbers are per core, so keep the thread on one.
+    let _ = std::process::Command::new("taskset").args(["-pc", "0", &std::process::id().to_string()]).output();
+}

@@ -1,0 +1,672 @@
+//! Shards, block reservation and background prefetch: the in-process
+//! generator.
+//!
+//! A [`Generator`] owns the open [`Store`] and one background *reserver*
+//! thread. Each [`Handle`] (one per worker thread) owns one shard at a time
+//! and draws IDs from its current block with no locking and no syscalls. When
+//! it switches to its prefetched block it asks the reserver for the next one,
+//! so in steady state the hot path never waits for a flush (double
+//! buffering).
+//!
+//! The invariant everything rests on: **a block is handed to a handle only
+//! after [`Store::persist`] has durably raised its shard's mark past it.**
+//! The reserver is the only caller of `persist`, and it owns the shard
+//! claims, so no two handles ever draw from the same shard.
+//!
+//! Waste per restart is bounded: a handle holds at most its current block
+//! (partly used) and one prefetched block, so at most `2 × block_max` IDs per
+//! handle are skipped when the process dies.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{self, Receiver, Sender, TryRecvError};
+
+use crate::id::{encode_into, Id, Permutation, ID_LEN};
+use crate::state::{StateError, Store};
+
+/// Tuning of block reservation.
+#[derive(Clone, Debug)]
+pub struct GeneratorConfig {
+    /// Smallest block, in IDs.
+    pub block_min: u64,
+    /// Largest block, in IDs. Bounds the waste per restart (2 per handle).
+    pub block_max: u64,
+    /// A block used up faster than this doubles the next one.
+    pub grow_below: Duration,
+    /// A block that lasts longer than this halves the next one.
+    pub shrink_above: Duration,
+    /// Abort the process when a flush fails (the server's choice), instead of
+    /// failing every later request (the library's default).
+    pub abort_on_storage_error: bool,
+    /// Test hook: sleep this long before every flush (simulates a slow disk).
+    pub flush_delay: Duration,
+}
+
+impl Default for GeneratorConfig {
+    fn default() -> Self {
+        GeneratorConfig {
+            block_min: 1 << 10,
+            block_max: 1 << 20,
+            grow_below: Duration::from_secs(2),
+            shrink_above: Duration::from_secs(60),
+            abort_on_storage_error: false,
+            flush_delay: Duration::ZERO,
+        }
+    }
+}
+
+/// Why no ID could be produced.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GenError {
+    /// Every shard of this node is used up. Permanent; IDs never wrap.
+    #[error("the ID space of this node is exhausted")]
+    Exhausted,
+    /// No block is ready yet (only from the non-blocking calls).
+    #[error("no block of IDs is ready yet; retry shortly")]
+    Unavailable,
+    /// The state could not be made durable. Permanent for this process.
+    #[error("state storage failed: {0}")]
+    Storage(Arc<StateError>),
+    /// The generator was shut down.
+    #[error("the generator has shut down")]
+    Closed,
+}
+
+/// The process-wide generator: the store plus the reserver thread.
+pub struct Generator {
+    shared: Arc<Shared>,
+    requests: Sender<Request>,
+    reserver: Option<JoinHandle<()>>,
+    next_worker: AtomicUsize,
+}
+
+/// Counters and gauges the generator keeps for metrics.
+#[derive(Debug, Default)]
+pub struct GenStats {
+    /// Blocks reserved (and flushed) so far.
+    pub blocks_reserved: AtomicU64,
+    /// IDs covered by those blocks.
+    pub ids_reserved: AtomicU64,
+    /// Size of the most recently reserved block.
+    pub last_block_size: AtomicU64,
+    /// Nanoseconds since `epoch` at which the in-progress flush began, or 0.
+    pub flush_started_nanos: AtomicU64,
+    /// Flush latency in microseconds.
+    pub flush_micros: Mutex<Option<hdrhistogram::Histogram<u64>>>,
+    /// Incremented by the reserver whenever it finishes handling a request.
+    pub reserver_beats: AtomicU64,
+}
+
+struct Shared {
+    store: Store,
+    perm: Permutation,
+    stats: GenStats,
+    epoch: Instant,
+    /// Handles alive; the generator joins the reserver on drop only at 0.
+    live_handles: AtomicUsize,
+}
+
+enum Request {
+    /// A new handle numbered `worker`: reserve its first block and send it
+    /// on `reply`, where its later blocks will go too.
+    Register { worker: usize, reply: Sender<Result<Block, GenError>> },
+    /// Handle `worker` switched blocks: prefetch its next one.
+    Next { worker: usize },
+    /// Handle `worker` is gone: release its shard.
+    Release { worker: usize },
+}
+
+/// A run of counters `next..end`, all inside one shard, all covered by a
+/// flushed mark.
+#[derive(Clone, Copy, Debug, Default)]
+struct Block {
+    next: u64,
+    end: u64,
+}
+
+impl Generator {
+    /// Starts the reserver for an opened store.
+    pub fn new(store: Store, config: GeneratorConfig) -> Generator {
+        assert!(config.block_min >= 1 && config.block_min <= config.block_max);
+        let shared = Arc::new(Shared {
+            perm: store.header().permutation(),
+            store,
+            stats: GenStats {
+                flush_micros: Mutex::new(hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 2).ok()),
+                ..GenStats::default()
+            },
+            epoch: Instant::now(),
+            live_handles: AtomicUsize::new(0),
+        });
+        let (requests, inbox) = channel::unbounded();
+        let reserver = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("tradeid-reserver".into())
+                .spawn(move || Reserver::new(shared, config).run(inbox))
+                .expect("spawning the reserver thread")
+        };
+        Generator { shared, requests, reserver: Some(reserver), next_worker: AtomicUsize::new(0) }
+    }
+
+    /// A new handle for one thread. Blocks until its first block is flushed.
+    pub fn handle(&self) -> Result<Handle, GenError> {
+        let (reply, blocks) = channel::bounded(1);
+        let worker = self.next_worker.fetch_add(1, Ordering::Relaxed);
+        self.requests.send(Request::Register { worker, reply }).map_err(|_| GenError::Closed)?;
+        self.shared.live_handles.fetch_add(1, Ordering::AcqRel);
+        let mut handle = Handle {
+            shared: Arc::clone(&self.shared),
+            perm: self.shared.perm,
+            block: Block::default(),
+            worker,
+            requests: self.requests.clone(),
+            blocks,
+            failed: None,
+        };
+        match handle.blocks.recv() {
+            Ok(Ok(block)) => handle.install(block),
+            Ok(Err(e)) => handle.failed = Some(e),
+            Err(_) => return Err(GenError::Closed),
+        }
+        Ok(handle)
+    }
+
+    /// The store this generator reserves from.
+    pub fn store(&self) -> &Store {
+        &self.shared.store
+    }
+
+    /// Reservation statistics.
+    pub fn stats(&self) -> &GenStats {
+        &self.shared.stats
+    }
+
+    /// How long the flush now in progress has been running, if any.
+    pub fn flush_in_progress_for(&self) -> Option<Duration> {
+        let started = self.shared.stats.flush_started_nanos.load(Ordering::Acquire);
+        (started != 0).then(|| self.shared.epoch.elapsed().saturating_sub(Duration::from_nanos(started)))
+    }
+}
+
+impl Drop for Generator {
+    /// Stops the reserver. Nothing is written: marks on disk already cover
+    /// every block handed out, so a drop is exactly as safe as a crash.
+    ///
+    /// If handles are still alive the reserver keeps serving them and exits
+    /// (releasing the state file's lock) when the last one is dropped.
+    fn drop(&mut self) {
+        let (closed, _) = channel::unbounded();
+        drop(std::mem::replace(&mut self.requests, closed));
+        if self.shared.live_handles.load(Ordering::Acquire) == 0 {
+            if let Some(reserver) = self.reserver.take() {
+                let _ = reserver.join();
+            }
+        }
+    }
+}
+
+/// One thread's source of IDs. Not shared: each worker owns its own.
+pub struct Handle {
+    shared: Arc<Shared>,
+    perm: Permutation,
+    block: Block,
+    worker: usize,
+    requests: Sender<Request>,
+    blocks: Receiver<Result<Block, GenError>>,
+    failed: Option<GenError>,
+}
+
+impl Handle {
+    /// The next ID, waiting for a block if none is ready.
+    pub fn next_id(&mut self) -> Result<Id, GenError> {
+        let mut out = [0u8; ID_LEN];
+        self.fill(&mut out)?;
+        Ok(Id::from_wire(&out).expect("encode_into writes a canonical ID"))
+    }
+
+    /// Fills `out` (a multiple of 7 bytes) with IDs, waiting for blocks as
+    /// needed. On error, the IDs written before it are still valid and unique.
+    pub fn fill(&mut self, out: &mut [u8]) -> Result<(), GenError> {
+        let want = out.len() / ID_LEN;
+        let mut done = 0;
+        loop {
+            done += self.take(&mut out[done * ID_LEN..want * ID_LEN]);
+            if done == want {
+                return Ok(());
+            }
+            self.advance(true)?;
+        }
+    }
+
+    /// Writes up to `out.len() / 7` IDs without ever waiting and returns how
+    /// many. Fewer than asked means the current block ran out and the next
+    /// is not ready yet. Errors only when not even one ID could be written.
+    #[inline]
+    pub fn try_fill(&mut self, out: &mut [u8]) -> Result<usize, GenError> {
+        let want = out.len() / ID_LEN;
+        let mut done = 0;
+        loop {
+            done += self.take(&mut out[done * ID_LEN..want * ID_LEN]);
+            if done == want {
+                return Ok(done);
+            }
+            if let Err(e) = self.advance(false) {
+                return if done > 0 { Ok(done) } else { Err(e) };
+            }
+        }
+    }
+
+    /// IDs left in the current block.
+    pub fn remaining_in_block(&self) -> u64 {
+        self.block.end - self.block.next
+    }
+
+    /// The hot path: permute and encode counters from the current block.
+    #[inline]
+    fn take(&mut self, out: &mut [u8]) -> usize {
+        let n = (out.len() / ID_LEN).min((self.block.end - self.block.next) as usize);
+        let base = self.block.next;
+        for (i, chunk) in out.chunks_exact_mut(ID_LEN).take(n).enumerate() {
+            let chunk: &mut [u8; ID_LEN] = chunk.try_into().expect("chunks_exact");
+            encode_into(self.perm.apply(base + i as u64), chunk);
+        }
+        self.block.next += n as u64;
+        n
+    }
+
+    /// Switches to the prefetched block.
+    #[cold]
+    fn advance(&mut self, wait: bool) -> Result<(), GenError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        let received =
+            if wait { self.blocks.recv().map_err(|_| TryRecvError::Disconnected) } else { self.blocks.try_recv() };
+        match received {
+            Ok(Ok(block)) => {
+                self.install(block);
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                self.failed = Some(e.clone());
+                Err(e)
+            }
+            Err(TryRecvError::Empty) => Err(GenError::Unavailable),
+            Err(TryRecvError::Disconnected) => {
+                self.failed = Some(GenError::Closed);
+                Err(GenError::Closed)
+            }
+        }
+    }
+
+    fn install(&mut self, block: Block) {
+        self.block = block;
+        // Ask for the next block now, while this one is being used. If the
+        // reserver is gone the next `advance` reports it.
+        let _ = self.requests.send(Request::Next { worker: self.worker });
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        let _ = self.requests.send(Request::Release { worker: self.worker });
+        self.shared.live_handles.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The background thread that claims shards and flushes marks.
+struct Reserver {
+    shared: Arc<Shared>,
+    config: GeneratorConfig,
+    /// Per shard: claimed by a live handle.
+    claimed: Vec<bool>,
+    workers: Vec<WorkerSlot>,
+    failed: Option<GenError>,
+}
+
+#[derive(Default)]
+struct WorkerSlot {
+    reply: Option<Sender<Result<Block, GenError>>>,
+    shard: Option<u32>,
+    block_size: u64,
+    last_request: Option<Instant>,
+}
+
+impl Reserver {
+    fn new(shared: Arc<Shared>, config: GeneratorConfig) -> Reserver {
+        let shard_count = shared.store.header().geometry.shard_count() as usize;
+        Reserver { shared, config, claimed: vec![false; shard_count], workers: Vec::new(), failed: None }
+    }
+
+    fn run(mut self, inbox: Receiver<Request>) {
+        for request in inbox {
+            match request {
+                Request::Register { worker, reply } => {
+                    if self.workers.len() <= worker {
+                        self.workers.resize_with(worker + 1, WorkerSlot::default);
+                    }
+                    self.workers[worker] =
+                        WorkerSlot { reply: Some(reply), block_size: self.config.block_min, ..WorkerSlot::default() };
+                    self.serve(worker);
+                }
+                Request::Next { worker } => self.serve(worker),
+                Request::Release { worker } => {
+                    if let Some(slot) = self.workers.get_mut(worker) {
+                        if let Some(shard) = slot.shard.take() {
+                            self.claimed[shard as usize] = false;
+                        }
+                        slot.reply = None;
+                    }
+                }
+            }
+            self.shared.stats.reserver_beats.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn serve(&mut self, worker: usize) {
+        self.adapt(worker);
+        let result = match &self.failed {
+            Some(e) => Err(e.clone()),
+            None => self.reserve(worker),
+        };
+        if let Err(GenError::Storage(e)) = &result {
+            if self.config.abort_on_storage_error {
+                tracing::error!("{e}; aborting so that no ID of the unflushed block is ever sent");
+                std::process::abort();
+            }
+            self.failed = result.clone().err();
+        }
+        if let Some(reply) = &self.workers[worker].reply {
+            // A full channel cannot happen (one request per delivered block);
+            // a closed one means the handle is gone.
+            let _ = reply.try_send(result);
+        }
+    }
+
+    /// Leaf-style adaptive sizing: grow when blocks go fast, shrink when slow.
+    fn adapt(&mut self, worker: usize) {
+        let now = Instant::now();
+        let config = &self.config;
+        let slot = &mut self.workers[worker];
+        if let Some(previous) = slot.last_request.replace(now) {
+            let lasted = now - previous;
+            if lasted < config.grow_below {
+                slot.block_size = (slot.block_size * 2).min(config.block_max);
+            } else if lasted > config.shrink_above {
+                slot.block_size = (slot.block_size / 2).max(config.block_min);
+            }
+        }
+    }
+
+    fn reserve(&mut self, worker: usize) -> Result<Block, GenError> {
+        let geometry = self.shared.store.header().geometry;
+        let shard_size = geometry.shard_size();
+        loop {
+            let shard = match self.workers[worker].shard {
+                Some(shard) => shard,
+                None => {
+                    let shard = self.pick_shard().ok_or(GenError::Exhausted)?;
+                    self.claimed[shard as usize] = true;
+                    self.workers[worker].shard = Some(shard);
+                    shard
+                }
+            };
+            let mark = self.shared.store.mark(shard);
+            if mark == shard_size {
+                // Full: let it go and claim another.
+                self.claimed[shard as usize] = false;
+                self.workers[worker].shard = None;
+                continue;
+            }
+            let end = (mark + self.workers[worker].block_size).min(shard_size);
+            self.flush(shard, end)?;
+            let base = u64::from(shard) * shard_size;
+            let stats = &self.shared.stats;
+            stats.blocks_reserved.fetch_add(1, Ordering::Relaxed);
+            stats.ids_reserved.fetch_add(end - mark, Ordering::Relaxed);
+            stats.last_block_size.store(end - mark, Ordering::Relaxed);
+            return Ok(Block { next: base + mark, end: base + end });
+        }
+    }
+
+    fn flush(&self, shard: u32, mark: u64) -> Result<(), GenError> {
+        let stats = &self.shared.stats;
+        let started = self.shared.epoch.elapsed().as_nanos().max(1) as u64;
+        stats.flush_started_nanos.store(started, Ordering::Release);
+        if !self.config.flush_delay.is_zero() {
+            std::thread::sleep(self.config.flush_delay);
+        }
+        let result = self.shared.store.persist(shard, mark);
+        stats.flush_started_nanos.store(0, Ordering::Release);
+        let took = result.map_err(|e| GenError::Storage(Arc::new(e)))?;
+        if let Some(h) = stats.flush_micros.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            h.saturating_record(took.as_micros() as u64);
+        }
+        Ok(())
+    }
+
+    /// Prefers a partly used shard (so restarts and worker-count changes
+    /// leave no holes), then the first untouched one.
+    fn pick_shard(&self) -> Option<u32> {
+        let geometry = self.shared.store.header().geometry;
+        let size = geometry.shard_size();
+        let free = |s: &u32| !self.claimed[*s as usize] && self.shared.store.mark(*s) < size;
+        let store = &self.shared.store;
+        geometry.node_shards().filter(free).find(|&s| store.mark(s) > 0).or_else(|| geometry.node_shards().find(free))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{create, Geometry, Header};
+    use std::collections::HashSet;
+    use std::path::{Path, PathBuf};
+
+    fn init(dir: &Path, g: Geometry, sequential: bool) -> PathBuf {
+        let path = dir.join("state");
+        create(std::slice::from_ref(&path), &Header::new(g, sequential).unwrap()).unwrap();
+        path
+    }
+
+    fn open(path: &Path, config: GeneratorConfig) -> Generator {
+        Generator::new(Store::open(&[path.to_owned()]).unwrap().0, config)
+    }
+
+    fn tiny_blocks() -> GeneratorConfig {
+        GeneratorConfig { block_min: 1, block_max: 8, ..GeneratorConfig::default() }
+    }
+
+    fn drain(handle: &mut Handle, seen: &mut HashSet<u64>) {
+        loop {
+            match handle.next_id() {
+                Ok(id) => assert!(seen.insert(id.value()), "duplicate {id}"),
+                Err(GenError::Exhausted) => return,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_small_space_is_handed_out_exactly_once_then_exhausted() {
+        for (width, shard_bits) in [(12, 4), (14, 0), (16, 16), (13, 5)] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = init(dir.path(), Geometry { width, shard_bits, node: 0, nodes: 1 }, false);
+            let generator = open(&path, tiny_blocks());
+            let mut handle = generator.handle().unwrap();
+            let mut seen = HashSet::new();
+            drain(&mut handle, &mut seen);
+            assert_eq!(seen.len(), 1 << width, "width {width}");
+            assert!(seen.iter().all(|&v| v < 1 << width));
+            // Exhaustion is sticky: it never wraps around.
+            assert!(matches!(handle.next_id(), Err(GenError::Exhausted)));
+            assert!(matches!(handle.try_fill(&mut [0; 7]), Err(GenError::Exhausted)));
+        }
+    }
+
+    #[test]
+    fn several_threads_share_a_small_space_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = init(dir.path(), Geometry { width: 14, shard_bits: 5, node: 0, nodes: 1 }, false);
+        let generator = open(&path, tiny_blocks());
+        let all: Vec<HashSet<u64>> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..4)
+                .map(|_| {
+                    let mut handle = generator.handle().unwrap();
+                    s.spawn(move || {
+                        let mut seen = HashSet::new();
+                        drain(&mut handle, &mut seen);
+                        seen
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).collect()
+        });
+        let mut union = HashSet::new();
+        for seen in all {
+            for v in seen {
+                assert!(union.insert(v), "{v} handed out by two threads");
+            }
+        }
+        assert_eq!(union.len(), 1 << 14);
+    }
+
+    #[test]
+    fn many_threads_millions_of_ids_no_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = init(dir.path(), Geometry::DEFAULT, false);
+        let generator = open(&path, GeneratorConfig::default());
+        const THREADS: usize = 8;
+        const PER_THREAD: usize = 500_000;
+        let chunks: Vec<Vec<u8>> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..THREADS)
+                .map(|_| {
+                    let mut handle = generator.handle().unwrap();
+                    s.spawn(move || {
+                        let mut out = vec![0u8; PER_THREAD * ID_LEN];
+                        // Mix single IDs and bulk fills, as the server does.
+                        for chunk in out.chunks_mut(175 * ID_LEN) {
+                            handle.fill(chunk).unwrap();
+                        }
+                        out
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).collect()
+        });
+        let mut seen = HashSet::with_capacity(THREADS * PER_THREAD);
+        for out in &chunks {
+            for raw in out.chunks_exact(ID_LEN) {
+                let id = Id::from_wire(raw).expect("canonical ID");
+                assert!(seen.insert(id), "duplicate {id}");
+            }
+        }
+        assert_eq!(seen.len(), THREADS * PER_THREAD);
+    }
+
+    #[test]
+    fn restarts_with_other_worker_counts_never_overlap_and_waste_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = Geometry { width: 20, shard_bits: 10, node: 0, nodes: 1 };
+        let path = init(dir.path(), g, false);
+        let config = GeneratorConfig { block_min: 16, block_max: 64, ..GeneratorConfig::default() };
+        let mut seen = HashSet::new();
+        for (round, workers) in [1usize, 3, 2, 5, 1].into_iter().enumerate() {
+            let generator = open(&path, config.clone());
+            let used_before = generator.store().used();
+            let mut handles: Vec<Handle> = (0..workers).map(|_| generator.handle().unwrap()).collect();
+            let mut handed = 0u64;
+            for (i, handle) in handles.iter_mut().enumerate() {
+                for _ in 0..(100 + 37 * i) {
+                    let id = handle.next_id().unwrap();
+                    assert!(seen.insert(id), "round {round}: {id} seen before a restart");
+                    handed += 1;
+                }
+            }
+            // Wait for prefetches so the waste is at its worst.
+            std::thread::sleep(Duration::from_millis(50));
+            let used_after = generator.store().used();
+            let wasted = used_after - used_before - handed;
+            assert!(wasted <= 2 * config.block_max * workers as u64, "round {round}: {wasted} wasted");
+            // Dropping writes nothing to the state, so it stands in for a
+            // crash: the unused rest of every block is simply lost.
+            drop(handles);
+            drop(generator);
+        }
+    }
+
+    #[test]
+    fn sequential_files_count_up_within_a_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = init(dir.path(), Geometry { width: 16, shard_bits: 8, node: 0, nodes: 1 }, true);
+        let generator = open(&path, tiny_blocks());
+        let mut handle = generator.handle().unwrap();
+        let values: Vec<u64> = (0..20).map(|_| handle.next_id().unwrap().value()).collect();
+        assert_eq!(values, (0..20).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn blocks_grow_when_used_fast_and_shrink_when_slow() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = init(dir.path(), Geometry::DEFAULT, false);
+        let config = GeneratorConfig {
+            block_min: 4,
+            block_max: 64,
+            grow_below: Duration::from_secs(3600),
+            shrink_above: Duration::from_secs(3600),
+            ..GeneratorConfig::default()
+        };
+        let generator = open(&path, config);
+        let mut handle = generator.handle().unwrap();
+        let mut out = vec![0u8; 1000 * ID_LEN];
+        handle.fill(&mut out).unwrap();
+        assert_eq!(generator.stats().last_block_size.load(Ordering::Relaxed), 64, "grew to the maximum");
+        drop(handle);
+        drop(generator);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = init(dir.path(), Geometry::DEFAULT, false);
+        let config = GeneratorConfig {
+            block_min: 4,
+            block_max: 64,
+            grow_below: Duration::ZERO,
+            shrink_above: Duration::ZERO,
+            ..GeneratorConfig::default()
+        };
+        let generator = open(&path, config);
+        let mut handle = generator.handle().unwrap();
+        handle.fill(&mut out).unwrap();
+        assert_eq!(generator.stats().last_block_size.load(Ordering::Relaxed), 4, "stayed at the minimum");
+    }
+
+    #[test]
+    fn try_fill_never_waits_and_reports_a_short_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = init(dir.path(), Geometry::DEFAULT, false);
+        let config = GeneratorConfig {
+            block_min: 10,
+            block_max: 10,
+            flush_delay: Duration::from_millis(300),
+            ..GeneratorConfig::default()
+        };
+        let generator = open(&path, config);
+        let mut handle = generator.handle().unwrap();
+        let mut out = [0u8; 15 * ID_LEN];
+        let started = Instant::now();
+        // 10 in the current block; the next is still being "flushed".
+        assert_eq!(handle.try_fill(&mut out).unwrap(), 10);
+        assert!(matches!(handle.try_fill(&mut out), Err(GenError::Unavailable)));
+        assert!(started.elapsed() < Duration::from_millis(250), "try_fill waited");
+        let deadline = Instant::now() + Duration::from_millis(200);
+        while generator.flush_in_progress_for().is_none() {
+            assert!(Instant::now() < deadline, "the prefetch flush never started");
+            std::thread::yield_now();
+        }
+        // The blocking call waits for it instead.
+        handle.fill(&mut out[..5 * ID_LEN]).unwrap();
+    }
+}

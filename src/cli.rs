@@ -1,0 +1,217 @@
+//! The command line: clap definitions and the offline commands (`init`,
+//! `gen`, `inspect`, `decode`). `serve` and `get` live in their own modules;
+//! this one only parses and dispatches.
+//!
+//! Every flag has a `TRADEID_*` environment fallback so a systemd drop-in can
+//! set it.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+
+use crate::alloc::{GenError, Generator, GeneratorConfig};
+use crate::id::{Id, ID_LEN};
+use crate::state::{self, Geometry, Header, Snapshot, Store};
+
+/// Unique 7-character trade IDs, served over UDP.
+#[derive(Debug, Parser)]
+#[command(name = "tradeid", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a new state file (once per ID space; never overwrites).
+    Init(InitArgs),
+    /// Generate IDs in-process and print them, one per line.
+    Gen(GenArgs),
+    /// Show a state file's geometry, usage and waste bound (works while serving).
+    Inspect(InspectArgs),
+    /// Decode an ID back to its counter and shard (for support).
+    Decode(DecodeArgs),
+}
+
+/// `tradeid init`.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// The state file to create; repeat to create mirrors on other disks.
+    #[arg(long = "state", required = true, env = "TRADEID_STATE", value_delimiter = ',')]
+    pub state: Vec<PathBuf>,
+    /// This node's index in 0..NODES (for several machines sharing one space).
+    #[arg(long, default_value_t = 0, env = "TRADEID_NODE")]
+    pub node: u32,
+    /// How many nodes share the ID space.
+    #[arg(long, default_value_t = 1, env = "TRADEID_NODES")]
+    pub nodes: u32,
+    /// Hand out IDs in counter order (no permutation).
+    #[arg(long, env = "TRADEID_SEQUENTIAL")]
+    pub sequential: bool,
+    /// Counter width in bits (for tests: small spaces).
+    #[arg(long, default_value_t = Geometry::DEFAULT.width, hide = true)]
+    pub width: u32,
+    /// log2 of the shard size (for tests: small shards).
+    #[arg(long, default_value_t = Geometry::DEFAULT.shard_bits, hide = true)]
+    pub shard_bits: u32,
+}
+
+/// `tradeid gen`.
+#[derive(Debug, Args)]
+pub struct GenArgs {
+    /// The state file (and mirrors).
+    #[arg(long = "state", required = true, env = "TRADEID_STATE", value_delimiter = ',')]
+    pub state: Vec<PathBuf>,
+    /// How many IDs to print.
+    #[arg(short = 'n', long = "count", default_value_t = 1)]
+    pub count: u64,
+}
+
+/// `tradeid inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The state file.
+    #[arg(long, env = "TRADEID_STATE")]
+    pub state: PathBuf,
+    /// The largest block size the server uses (for the waste bound).
+    #[arg(long, default_value_t = GeneratorConfig::default().block_max)]
+    pub block_max: u64,
+}
+
+/// `tradeid decode`.
+#[derive(Debug, Args)]
+pub struct DecodeArgs {
+    /// The state file whose key made the ID.
+    #[arg(long, env = "TRADEID_STATE")]
+    pub state: PathBuf,
+    /// The ID, as typed (case, hyphens, spaces, O/I/L are forgiven).
+    pub id: String,
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Init(args) => init(args),
+        Command::Gen(args) => gen(args),
+        Command::Inspect(args) => inspect(args),
+        Command::Decode(args) => decode(args),
+    }
+}
+
+fn init(args: InitArgs) -> anyhow::Result<()> {
+    let geometry = Geometry { width: args.width, shard_bits: args.shard_bits, node: args.node, nodes: args.nodes };
+    if let Err(reason) = geometry.validate() {
+        bail!(crate::ConfigError(format!("invalid --node/--nodes/--width/--shard-bits: {reason}")));
+    }
+    let header = Header::new(geometry, args.sequential).context("cannot read the OS random source for the key")?;
+    state::create(&args.state, &header)?;
+    for path in &args.state {
+        println!("created {}", path.display());
+    }
+    println!(
+        "node {} of {}: {} IDs in {} shards of {}{}",
+        geometry.node,
+        geometry.nodes,
+        geometry.node_capacity(),
+        geometry.node_shards().count(),
+        geometry.shard_size(),
+        if args.sequential { ", sequential" } else { ", permuted" }
+    );
+    Ok(())
+}
+
+fn gen(args: GenArgs) -> anyhow::Result<()> {
+    let (store, _report) = Store::open(&args.state)?;
+    // Blocks sized to the request: a one-off `gen -n 5` skips at most 5 IDs
+    // (its unused prefetched block) instead of two default blocks.
+    let block = args.count.clamp(1, GeneratorConfig::default().block_max);
+    let config = GeneratorConfig { block_min: block, block_max: block, ..GeneratorConfig::default() };
+    let generator = Generator::new(store, config);
+    let mut handle = generator.handle().map_err(gen_error)?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut buf = vec![0u8; 1024 * ID_LEN];
+    let mut left = args.count;
+    while left > 0 {
+        let n = left.min(1024) as usize;
+        handle.fill(&mut buf[..n * ID_LEN]).map_err(gen_error)?;
+        for id in buf[..n * ID_LEN].chunks_exact(ID_LEN) {
+            out.write_all(id)?;
+            out.write_all(b"\n")?;
+        }
+        left -= n as u64;
+    }
+    out.flush().context("writing IDs to standard output")?;
+    Ok(())
+}
+
+fn gen_error(e: GenError) -> anyhow::Error {
+    match e {
+        GenError::Exhausted => anyhow::anyhow!(crate::Exhausted),
+        e => anyhow::Error::new(e),
+    }
+}
+
+fn inspect(args: InspectArgs) -> anyhow::Result<()> {
+    let snap = Snapshot::read(&args.state)?;
+    let h = &snap.header;
+    let g = h.geometry;
+    let capacity = g.node_capacity();
+    let used = snap.used();
+    let in_use = g.node_shards().filter(|&s| (1..g.shard_size()).contains(&snap.marks[s as usize])).count();
+    let full = g.node_shards().filter(|&s| snap.marks[s as usize] == g.shard_size()).count();
+    let pct = |n: u64| 100.0 * n as f64 / capacity as f64;
+    println!("state file     {}", args.state.display());
+    println!("format         version 1, created at unix time {}", h.created_unix);
+    println!(
+        "ids            {}",
+        if h.sequential { "sequential (identity permutation)" } else { "permuted (keyed Feistel)" }
+    );
+    println!("geometry       2^{} IDs, {} shards of {}", g.width, g.shard_count(), g.shard_size());
+    println!("partition      node {} of {} ({} shards)", g.node, g.nodes, g.node_shards().count());
+    println!("used           {used} of {capacity} ({:.4}%)", pct(used));
+    println!("remaining      {} ({:.4}%)", capacity - used, pct(capacity - used));
+    println!("shards         {in_use} partly used, {full} full");
+    println!(
+        "waste/restart  at most {} IDs per worker (2 blocks of --block-max {})",
+        2 * args.block_max,
+        args.block_max
+    );
+    if !snap.fell_back.is_empty() {
+        println!(
+            "torn slots     {} shard(s) fell back to their older slot: {:?}",
+            snap.fell_back.len(),
+            snap.fell_back
+        );
+    }
+    Ok(())
+}
+
+fn decode(args: DecodeArgs) -> anyhow::Result<()> {
+    let id = Id::parse(&args.id).map_err(|e| crate::ConfigError(format!("{:?} is not an ID: {e}", args.id)))?;
+    let snap = Snapshot::read(&args.state)?;
+    let g = snap.header.geometry;
+    if id.value() >> g.width != 0 {
+        bail!(crate::ConfigError(format!(
+            "{id} is outside this state file's 2^{} space; it was not issued from {}",
+            g.width,
+            args.state.display()
+        )));
+    }
+    let counter = snap.header.permutation().invert(id.value());
+    let shard = (counter >> g.shard_bits) as u32;
+    let offset = counter & (g.shard_size() - 1);
+    let issued = offset < snap.marks[shard as usize];
+    println!("id       {id}");
+    println!("counter  {counter}");
+    println!("shard    {shard} (offset {offset}, owned by node {})", shard % g.nodes);
+    println!(
+        "status   {}",
+        if issued { "below the shard's mark: may have been issued" } else { "above the shard's mark: never issued" }
+    );
+    Ok(())
+}

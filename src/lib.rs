@@ -1,0 +1,61 @@
+//! tradeid: unique, human-readable 7-character trade IDs, served over UDP.
+//!
+//! Data flows one way: socket → protocol → allocator → id → socket.
+//!
+//! - [`id`]: the ID, its Crockford base32 codec and the keyed permutation. Pure.
+//! - [`state`]: the memory-mapped state file. Holds the only mmap `unsafe`.
+//! - [`alloc`]: shards, block reservation, background prefetch; the in-process generator.
+//! - [`cli`]: the command line and the offline commands.
+#![warn(missing_docs)]
+
+pub mod alloc;
+pub mod cli;
+pub mod id;
+pub mod state;
+
+pub use alloc::{GenError, Generator, GeneratorConfig, Handle};
+pub use id::Id;
+
+/// A configuration or usage mistake the operator must fix (exit code 78).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// The node's ID space is used up (exit code 75 is wrong here: it is final).
+#[derive(Debug, thiserror::Error)]
+#[error("the ID space of this node is exhausted; no more IDs can be issued from this state file")]
+pub struct Exhausted;
+
+/// Maps an error chain to a process exit code (sysexits.h values).
+///
+/// | code | meaning |
+/// |---|---|
+/// | 1  | any other failure |
+/// | 65 | EX_DATAERR: the state file is corrupt, or the space is exhausted |
+/// | 66 | EX_NOINPUT: the state file does not exist |
+/// | 69 | EX_UNAVAILABLE: the state file is locked by another process, or no server answered |
+/// | 73 | EX_CANTCREAT: init refused (file exists, or no space) |
+/// | 74 | EX_IOERR: an I/O error, including a failed flush |
+/// | 78 | EX_CONFIG: invalid flags or configuration |
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    use state::StateError as S;
+    for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<S>() {
+            return match e {
+                S::NotFound { .. } => 66,
+                S::Locked { .. } => 69,
+                S::Exists { .. } | S::NoSpace { .. } => 73,
+                S::BadHeader { .. } | S::BadShard { .. } | S::WrongSize { .. } | S::MirrorMismatch { .. } => 65,
+                S::PartitionMismatch { .. } => 78,
+                S::Flush { .. } | S::Shrunk { .. } | S::Poisoned | S::Io { .. } => 74,
+            };
+        }
+        if cause.is::<ConfigError>() {
+            return 78;
+        }
+        if cause.is::<Exhausted>() {
+            return 65;
+        }
+    }
+    1
+}
