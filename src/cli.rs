@@ -29,6 +29,10 @@ pub struct Cli {
 pub enum Command {
     /// Create a new state file (once per ID space; never overwrites).
     Init(InitArgs),
+    /// Serve IDs over UDP.
+    Serve(Box<crate::server::ServeArgs>),
+    /// Fetch IDs from running servers.
+    Get(crate::client::GetArgs),
     /// Generate IDs in-process and print them, one per line.
     Gen(GenArgs),
     /// Show a state file's geometry, usage and waste bound (works while serving).
@@ -96,6 +100,8 @@ pub struct DecodeArgs {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Init(args) => init(args),
+        Command::Serve(args) => crate::server::run(*args),
+        Command::Get(args) => crate::client::run_get(args),
         Command::Gen(args) => gen(args),
         Command::Inspect(args) => inspect(args),
         Command::Decode(args) => decode(args),

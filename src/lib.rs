@@ -5,13 +5,33 @@
 //! - [`id`]: the ID, its Crockford base32 codec and the keyed permutation. Pure.
 //! - [`state`]: the memory-mapped state file. Holds the only mmap `unsafe`.
 //! - [`alloc`]: shards, block reservation, background prefetch; the in-process generator.
+//! - [`protocol`]: the wire format: decode a request, encode a reply. Pure.
+//! - [`policy`]: source checks, allowlist, anti-amplification trust, rate limiting. Pure.
+//! - [`net`]: socket building and batched recvmmsg/sendmmsg. Holds the only syscall `unsafe`.
+//! - [`worker`]: the pinned per-core data-plane loop.
+//! - [`server`]: `serve` flags, validated config, starting and stopping the data plane.
+//! - [`control`]: the tokio control plane: signals, systemd notify and watchdog.
+//! - [`stats`]: per-worker counters summed at scrape time; Prometheus text.
+//! - [`admin`]: the admin HTTP listener (metrics, health, IDs over HTTP).
+//! - [`client`]: the client library and `tradeid get`.
 //! - [`cli`]: the command line and the offline commands.
+//! - [`logging`]: terminal or journald log format.
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod alloc;
 pub mod cli;
+pub mod client;
+pub mod control;
 pub mod id;
+pub mod logging;
+pub mod net;
+pub mod policy;
+pub mod protocol;
+pub mod server;
 pub mod state;
+pub mod stats;
+pub mod worker;
 
 pub use alloc::{GenError, Generator, GeneratorConfig, Handle};
 pub use id::Id;
@@ -25,6 +45,11 @@ pub struct ConfigError(pub String);
 #[derive(Debug, thiserror::Error)]
 #[error("the ID space of this node is exhausted; no more IDs can be issued from this state file")]
 pub struct Exhausted;
+
+/// No server answered (exit code 69).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unreachable(pub String);
 
 /// Maps an error chain to a process exit code (sysexits.h values).
 ///
@@ -55,6 +80,9 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         }
         if cause.is::<Exhausted>() {
             return 65;
+        }
+        if cause.is::<Unreachable>() {
+            return 69;
         }
     }
     1

@@ -1,0 +1,385 @@
+//! The client library and `tradeid get`: timeouts with retries, failover
+//! across servers, `!ERRnnn` mapped to typed errors, and a filter that never
+//! returns the same ID twice even when the network duplicates a reply.
+//!
+//! Replies carry no request tag. A reply that arrives after its request
+//! timed out is still a fresh, unique ID (the server never repeats one), so
+//! it is used, not discarded; a *repeated* ID can only be a network
+//! duplicate, so the client drops any ID it returned recently.
+
+use std::collections::{HashSet, VecDeque};
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+
+use crate::id::{Id, ID_LEN};
+use crate::protocol::{self, ErrorCode, DEFAULT_MAX_BATCH};
+
+/// How a [`Client`] behaves.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Servers, tried in order; the client fails over to the next one.
+    pub servers: Vec<SocketAddr>,
+    /// How long to wait for each reply.
+    pub timeout: Duration,
+    /// Attempts per server before failing over.
+    pub attempts: u32,
+    /// The most IDs to ask for in one request.
+    pub max_batch: u16,
+    /// Pad requests so untrusted paths still allow the whole batch
+    /// (reply ≤ 3 × request).
+    pub pad: bool,
+}
+
+impl ClientConfig {
+    /// Sensible defaults for `servers`.
+    pub fn new(servers: Vec<SocketAddr>) -> ClientConfig {
+        ClientConfig {
+            servers,
+            timeout: Duration::from_millis(250),
+            attempts: 3,
+            max_batch: DEFAULT_MAX_BATCH,
+            pad: true,
+        }
+    }
+}
+
+/// Why the client could not get IDs.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No server answered in time.
+    #[error("no reply from {servers:?} after {attempts} attempt(s) each; are they running and reachable, and is this host in their --allow list?")]
+    Timeout {
+        /// The servers tried.
+        servers: Vec<SocketAddr>,
+        /// Attempts per server.
+        attempts: u32,
+    },
+    /// Every server's ID space is exhausted.
+    #[error("every server reports its ID space exhausted (!ERR507)")]
+    Exhausted,
+    /// The server rejected the request as malformed (a version or opcode it
+    /// does not support).
+    #[error("server {server} rejected the request: !ERR{}", .code.number())]
+    Rejected {
+        /// The server.
+        server: SocketAddr,
+        /// Its error code.
+        code: ErrorCode,
+    },
+    /// A socket error.
+    #[error("socket error talking to {server}: {source}")]
+    Io {
+        /// The server.
+        server: SocketAddr,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// A connection-less client with one connected socket per server.
+pub struct Client {
+    config: ClientConfig,
+    sockets: Vec<UdpSocket>,
+    current: usize,
+    exhausted: Vec<bool>,
+    recent: RecentIds,
+    spare: VecDeque<Id>,
+    recv_buf: Vec<u8>,
+    send_buf: Vec<u8>,
+}
+
+impl Client {
+    /// Creates the sockets (one per server, connected, so replies from any
+    /// other address are ignored by the kernel).
+    pub fn new(config: ClientConfig) -> io::Result<Client> {
+        if config.servers.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "no server address given"));
+        }
+        let sockets = config
+            .servers
+            .iter()
+            .map(|server| {
+                let local: SocketAddr = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal");
+                let socket = UdpSocket::bind(local)?;
+                socket.connect(server)?;
+                Ok(socket)
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        let max_batch = usize::from(config.max_batch.max(1));
+        Ok(Client {
+            exhausted: vec![false; sockets.len()],
+            sockets,
+            current: 0,
+            recent: RecentIds::new(RECENT_WINDOW),
+            spare: VecDeque::new(),
+            recv_buf: vec![0u8; 65536],
+            send_buf: vec![0u8; protocol::padded_len(max_batch as u16)],
+            config,
+        })
+    }
+
+    /// One new ID.
+    pub fn next_id(&mut self) -> Result<Id, ClientError> {
+        let mut ids = self.get(1)?;
+        Ok(ids.pop().expect("get(1) returns one ID"))
+    }
+
+    /// `count` new IDs, never any returned before by this client.
+    pub fn get(&mut self, count: usize) -> Result<Vec<Id>, ClientError> {
+        let mut out = Vec::with_capacity(count);
+        while out.len() < count {
+            if let Some(id) = self.spare.pop_front() {
+                out.push(id);
+                continue;
+            }
+            let want = (count - out.len()).min(usize::from(self.config.max_batch.max(1))) as u16;
+            self.fetch(want)?;
+        }
+        Ok(out)
+    }
+
+    /// Gets at least one new ID into `spare`, trying every server.
+    fn fetch(&mut self, want: u16) -> Result<(), ClientError> {
+        let servers = self.sockets.len();
+        for _ in 0..servers {
+            if !self.exhausted[self.current] {
+                match self.fetch_from(self.current, want)? {
+                    Fetched::Some => return Ok(()),
+                    Fetched::Exhausted => self.exhausted[self.current] = true,
+                    Fetched::NoReply => {}
+                }
+            }
+            self.current = (self.current + 1) % servers;
+        }
+        if self.exhausted.iter().all(|&e| e) {
+            return Err(ClientError::Exhausted);
+        }
+        Err(ClientError::Timeout { servers: self.config.servers.clone(), attempts: self.config.attempts })
+    }
+
+    fn fetch_from(&mut self, index: usize, want: u16) -> Result<Fetched, ClientError> {
+        let server = self.config.servers[index];
+        let io_err = |source| ClientError::Io { server, source };
+        let len = if self.config.pad { protocol::padded_len(want) } else { protocol::REQUEST_LEN };
+        let mut unavailable_backoff = Duration::from_millis(1);
+        for _attempt in 0..self.config.attempts.max(1) {
+            self.send_buf[..len].fill(0);
+            protocol::encode_request(want, &mut self.send_buf);
+            let socket = &self.sockets[index];
+            match socket.send(&self.send_buf[..len]) {
+                Ok(_) => {}
+                // ECONNREFUSED from an earlier ICMP error: the server is down;
+                // count it as a lost attempt.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    std::thread::sleep(self.config.timeout.min(Duration::from_millis(20)));
+                    continue;
+                }
+                Err(e) => return Err(io_err(e)),
+            }
+            let deadline = Instant::now() + self.config.timeout;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break; // this attempt timed out
+                }
+                socket.set_read_timeout(Some(left)).map_err(io_err)?;
+                let n = match socket.recv(&mut self.recv_buf) {
+                    Ok(n) => n,
+                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => break,
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(io_err(e)),
+                };
+                match classify(&self.recv_buf[..n]) {
+                    Reply::Ids => {
+                        let mut fresh = 0;
+                        for raw in self.recv_buf[..n].chunks_exact(ID_LEN) {
+                            let id = Id::from_wire(raw).expect("classify checked every ID");
+                            if self.recent.insert(id) {
+                                self.spare.push_back(id);
+                                fresh += 1;
+                            }
+                        }
+                        if fresh > 0 {
+                            return Ok(Fetched::Some);
+                        }
+                        // Only duplicates: keep waiting for the real reply.
+                    }
+                    Reply::Error(ErrorCode::Exhausted) => return Ok(Fetched::Exhausted),
+                    Reply::Error(ErrorCode::Unavailable) => {
+                        // No block ready yet: back off briefly and retry.
+                        std::thread::sleep(unavailable_backoff);
+                        unavailable_backoff = (unavailable_backoff * 2).min(Duration::from_millis(50));
+                        break;
+                    }
+                    Reply::Error(ErrorCode::TooMany) => {
+                        // The server's max-batch is lower than ours: ask less.
+                        self.config.max_batch = (self.config.max_batch / 2).max(1);
+                        return Ok(Fetched::NoReply);
+                    }
+                    Reply::Error(code) => return Err(ClientError::Rejected { server, code }),
+                    Reply::Malformed => {} // not from a tradeid server; ignore
+                }
+            }
+        }
+        Ok(Fetched::NoReply)
+    }
+}
+
+enum Fetched {
+    Some,
+    Exhausted,
+    NoReply,
+}
+
+/// What a reply datagram is.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// One or more well-formed IDs.
+    Ids,
+    /// An `!ERRnnn` reply.
+    Error(ErrorCode),
+    /// Anything else.
+    Malformed,
+}
+
+/// Classifies a reply datagram.
+pub fn classify(reply: &[u8]) -> Reply {
+    if let Some(code) = ErrorCode::parse(reply) {
+        return Reply::Error(code);
+    }
+    if !reply.is_empty() && reply.len().is_multiple_of(ID_LEN) && reply.chunks_exact(ID_LEN).all(|r| Id::from_wire(r).is_some())
+    {
+        Reply::Ids
+    } else {
+        Reply::Malformed
+    }
+}
+
+/// The last `capacity` IDs returned, for dropping network duplicates.
+struct RecentIds {
+    set: HashSet<Id>,
+    order: VecDeque<Id>,
+    capacity: usize,
+}
+
+impl RecentIds {
+    fn new(capacity: usize) -> RecentIds {
+        RecentIds { set: HashSet::with_capacity(capacity), order: VecDeque::with_capacity(capacity), capacity }
+    }
+
+    /// `false` if `id` was seen within the window.
+    fn insert(&mut self, id: Id) -> bool {
+        if !self.set.insert(id) {
+            return false;
+        }
+        if self.order.len() == self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        self.order.push_back(id);
+        true
+    }
+}
+
+/// How many recent IDs the duplicate filter remembers.
+const RECENT_WINDOW: usize = 1 << 16;
+
+/// `tradeid get`.
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// How many IDs to fetch.
+    #[arg(short = 'n', long = "count", default_value_t = 1)]
+    pub count: usize,
+    /// A server address (HOST:PORT); repeat for failover.
+    #[arg(long = "server", required = true, env = "TRADEID_SERVER", value_delimiter = ',')]
+    pub servers: Vec<String>,
+    /// Milliseconds to wait for each reply.
+    #[arg(long, default_value_t = 250)]
+    pub timeout_ms: u64,
+    /// Attempts per server before failing over.
+    #[arg(long, default_value_t = 3)]
+    pub attempts: u32,
+    /// The most IDs per request.
+    #[arg(long, default_value_t = DEFAULT_MAX_BATCH)]
+    pub max_batch: u16,
+}
+
+/// Runs `tradeid get`.
+pub fn run_get(args: GetArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut servers = Vec::new();
+    for s in &args.servers {
+        let addr = s
+            .to_socket_addrs()
+            .map_err(|e| crate::ConfigError(format!("--server {s:?} is not HOST:PORT: {e}")))?
+            .next()
+            .ok_or_else(|| crate::ConfigError(format!("--server {s:?} resolves to no address")))?;
+        servers.push(addr);
+    }
+    let config = ClientConfig {
+        timeout: Duration::from_millis(args.timeout_ms),
+        attempts: args.attempts,
+        max_batch: args.max_batch,
+        ..ClientConfig::new(servers)
+    };
+    let mut client = Client::new(config)?;
+    let ids = client.get(args.count).map_err(|e| match e {
+        ClientError::Exhausted => anyhow::Error::new(crate::Exhausted),
+        ClientError::Timeout { .. } => anyhow::Error::new(crate::Unreachable(e.to_string())),
+        e => anyhow::Error::new(e),
+    })?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    for id in ids {
+        writeln!(out, "{id}")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_replies() {
+        assert_eq!(classify(b"B762F00"), Reply::Ids);
+        assert_eq!(classify(b"B762F00ZZZZZZZ"), Reply::Ids);
+        assert_eq!(classify(b"!ERR503"), Reply::Error(ErrorCode::Unavailable));
+        assert_eq!(classify(b"B762F0"), Reply::Malformed);
+        assert_eq!(classify(b"b762f00"), Reply::Malformed);
+        assert_eq!(classify(b""), Reply::Malformed);
+    }
+
+    #[test]
+    fn recent_window_forgets_oldest() {
+        let mut recent = RecentIds::new(2);
+        let id = |v| Id::from_value(v).unwrap();
+        assert!(recent.insert(id(1)));
+        assert!(!recent.insert(id(1)));
+        assert!(recent.insert(id(2)));
+        assert!(recent.insert(id(3)));
+        assert!(recent.insert(id(1)), "1 fell out of the window");
+        assert!(!recent.insert(id(3)));
+    }
+
+    #[test]
+    fn a_silent_server_times_out_without_hanging() {
+        // A bound socket that never answers.
+        let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let config = ClientConfig {
+            timeout: Duration::from_millis(30),
+            attempts: 2,
+            ..ClientConfig::new(vec![silent.local_addr().unwrap()])
+        };
+        let started = Instant::now();
+        let err = Client::new(config).unwrap().get(1).unwrap_err();
+        assert!(matches!(err, ClientError::Timeout { .. }), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+}

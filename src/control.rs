@@ -1,0 +1,173 @@
+//! The control plane, on a single-threaded tokio runtime: signals, systemd
+//! notification (readiness, status, watchdog), capacity warnings and the
+//! admin HTTP listener. It only observes the data plane (through atomics)
+//! and tells it to stop; it never touches a datagram.
+
+use std::io::Write;
+use std::os::unix::net::UnixDatagram;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::server::Server;
+use crate::stats::Observer;
+
+/// Runs the control plane until SIGTERM/SIGINT (exit 0 after a clean stop)
+/// or until a worker dies (an error, so systemd restarts us).
+pub fn run(server: Server) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the control-plane runtime")?;
+    runtime.block_on(control(server))
+}
+
+async fn control(server: Server) -> anyhow::Result<()> {
+    let observer = Arc::new(Observer::new(&server));
+    if let Some(addr) = server.config.admin {
+        let bound = crate::admin::spawn(addr, Arc::clone(&observer))
+            .await
+            .with_context(|| format!("cannot bind the admin listener {addr} (--admin): is the port in use?"))?;
+        tracing::info!(%bound, "admin HTTP listening");
+        println!("admin listening on {bound}");
+    }
+    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+
+    // Every worker is bound and holds a flushed block: we are ready.
+    println!("listening on {}", server.local_addr);
+    let _ = std::io::stdout().flush();
+    let notifier = Notifier::from_env();
+    let watchdog = watchdog_interval();
+    notifier.send(&format!("READY=1\nSTATUS={}", observer.status_line()));
+
+    let tick_every = watchdog.map_or(Duration::from_secs(1), |w| (w / 2).min(Duration::from_secs(1)));
+    let mut tick = tokio::time::interval(tick_every);
+    let mut beats = observer.heartbeats();
+    let mut capacity = CapacityAlarm::default();
+    let mut last_status = Instant::now();
+    observer.sample_rate();
+    let outcome = loop {
+        tokio::select! {
+            _ = term.recv() => break Ok("SIGTERM"),
+            _ = int.recv() => break Ok("SIGINT"),
+            _ = tick.tick() => {
+                if server.worker_died() {
+                    break Err(anyhow::anyhow!("a worker thread stopped unexpectedly"));
+                }
+                if let Some(path) = &server.config.test_stall_file {
+                    server.stall.store(path.exists(), Ordering::Relaxed);
+                }
+                // Ping only if every worker's heartbeat moved since the last
+                // tick and no flush is stuck: a stuck worker or disk stops
+                // the pings, and systemd restarts the service.
+                let now = observer.heartbeats();
+                let all_alive = now.iter().zip(&beats).all(|(n, b)| n != b);
+                beats = now;
+                let flush_stuck = match (server.generator.flush_in_progress_for(), watchdog) {
+                    (Some(running), Some(w)) => running > w / 2,
+                    _ => false,
+                };
+                if watchdog.is_some() {
+                    if all_alive && !flush_stuck {
+                        notifier.send("WATCHDOG=1");
+                    } else {
+                        tracing::warn!(all_alive, flush_stuck, "withholding the watchdog ping");
+                    }
+                }
+                capacity.check(observer.used_fraction());
+                if last_status.elapsed() >= Duration::from_secs(5) {
+                    observer.sample_rate();
+                    notifier.send(&format!("STATUS={}", observer.status_line()));
+                    last_status = Instant::now();
+                }
+            }
+        }
+    };
+    let signal_name = match outcome {
+        Ok(name) => name,
+        Err(e) => {
+            notifier.send("STOPPING=1");
+            return Err(e);
+        }
+    };
+    tracing::info!(signal = signal_name, "stopping: answering queued requests, then exiting");
+    notifier.send("STOPPING=1");
+    // A second signal means "now": exit at once. Every ID already sent is
+    // covered by a flushed mark, so nothing is lost either way.
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        eprintln!("tradeid: second signal, exiting at once");
+        std::process::exit(1);
+    });
+    tokio::task::spawn_blocking(move || server.shutdown()).await.context("shutdown task")??;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// Logs once as usage crosses 50, 80, 90 and 99% of the node's space.
+#[derive(Default)]
+struct CapacityAlarm {
+    warned: usize,
+}
+
+impl CapacityAlarm {
+    const LEVELS: [f64; 4] = [0.50, 0.80, 0.90, 0.99];
+
+    fn check(&mut self, used: f64) {
+        while self.warned < Self::LEVELS.len() && used >= Self::LEVELS[self.warned] {
+            let level = Self::LEVELS[self.warned] * 100.0;
+            tracing::warn!(
+                used_percent = used * 100.0,
+                "ID space {level:.0}% used; plan a new ID space (new state file or node) before it runs out"
+            );
+            self.warned += 1;
+        }
+    }
+}
+
+/// The watchdog interval systemd asked for, if it is meant for this process.
+fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok() != Some(std::process::id()) {
+            return None;
+        }
+    }
+    (usec > 0).then(|| Duration::from_micros(usec))
+}
+
+/// sd_notify(3): datagrams to `$NOTIFY_SOCKET` (a path, or `@abstract`).
+struct Notifier {
+    socket: Option<(UnixDatagram, std::os::unix::net::SocketAddr)>,
+}
+
+impl Notifier {
+    fn from_env() -> Notifier {
+        let socket = std::env::var_os("NOTIFY_SOCKET").and_then(|path| {
+            let path = path.to_string_lossy().into_owned();
+            let addr = if let Some(name) = path.strip_prefix('@') {
+                use std::os::linux::net::SocketAddrExt;
+                std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).ok()?
+            } else {
+                std::os::unix::net::SocketAddr::from_pathname(&path).ok()?
+            };
+            Some((UnixDatagram::unbound().ok()?, addr))
+        });
+        Notifier { socket }
+    }
+
+    fn send(&self, message: &str) {
+        if let Some((socket, addr)) = &self.socket {
+            if let Err(e) = socket.send_to_addr(message.as_bytes(), addr) {
+                tracing::warn!("cannot notify systemd ({message:?}): {e}");
+            }
+        }
+    }
+}
