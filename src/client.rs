@@ -251,7 +251,9 @@ pub fn classify(reply: &[u8]) -> Reply {
     if let Some(code) = ErrorCode::parse(reply) {
         return Reply::Error(code);
     }
-    if !reply.is_empty() && reply.len().is_multiple_of(ID_LEN) && reply.chunks_exact(ID_LEN).all(|r| Id::from_wire(r).is_some())
+    if !reply.is_empty()
+        && reply.len().is_multiple_of(ID_LEN)
+        && reply.chunks_exact(ID_LEN).all(|r| Id::from_wire(r).is_some())
     {
         Reply::Ids
     } else {

@@ -180,7 +180,9 @@ impl ServeConfig {
             },
             generator: GeneratorConfig {
                 block_max: args.block_max,
-                block_min: defaults.block_min.min(args.block_max),
+                // A request then spans at most the current block and the
+                // prefetched one, so replies are full in steady state.
+                block_min: defaults.block_min.max(4 * u64::from(args.max_batch)).min(args.block_max),
                 abort_on_storage_error: true,
                 flush_delay: Duration::from_millis(args.test_flush_delay_ms),
                 ..defaults

@@ -1,0 +1,123 @@
+//! The offline commands and the operator-facing refusals, with their exit
+//! codes and messages.
+
+use std::collections::HashSet;
+
+use crate::harness::*;
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn init_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &[]);
+    let before = std::fs::read(&state).unwrap();
+    let out = run(&["init", "--state", state.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(73));
+    assert!(stderr(&out).contains("already exists; refusing to overwrite"), "{}", stderr(&out));
+    assert_eq!(std::fs::read(&state).unwrap(), before);
+}
+
+#[test]
+fn serve_refuses_a_missing_state_file_and_never_creates_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("missing");
+    let out = run(&["serve", "--state", state.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+    assert_eq!(out.status.code(), Some(66));
+    let err = stderr(&out);
+    assert!(err.contains("does not exist") && err.contains("tradeid init --state"), "{err}");
+    assert!(!state.exists());
+}
+
+#[test]
+fn a_second_server_on_the_same_state_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &[]);
+    let _daemon = Daemon::start(&state, &["--workers", "1"]);
+    let out = run(&["serve", "--state", state.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+    assert_eq!(out.status.code(), Some(69));
+    assert!(stderr(&out).contains("locked by another process"), "{}", stderr(&out));
+}
+
+#[test]
+fn serving_another_partition_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &["--node", "1", "--nodes", "4"]);
+    let path = state.to_str().unwrap();
+    let out = run(&["serve", "--state", path, "--listen", "127.0.0.1:0", "--node", "2", "--nodes", "4"]);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(stderr(&out).contains("belongs to node 1 of 4, but node 2 of 4 was requested"), "{}", stderr(&out));
+    let out = run(&["serve", "--check-config", "--state", path, "--node", "1", "--nodes", "4"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn a_corrupt_state_file_is_refused_with_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &[]);
+    let mut bytes = std::fs::read(&state).unwrap();
+    bytes[50] ^= 0xff; // inside the key: the header checksum fails
+    std::fs::write(&state, &bytes).unwrap();
+    let out = run(&["serve", "--state", state.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+    assert_eq!(out.status.code(), Some(65));
+    let err = stderr(&out);
+    assert!(err.contains(state.to_str().unwrap()) && err.contains("header checksum is wrong"), "{err}");
+}
+
+#[test]
+fn gen_prints_unique_ids_and_decode_maps_them_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &[]);
+    let path = state.to_str().unwrap();
+    let mut seen = HashSet::new();
+    for _ in 0..3 {
+        let out = run(&["gen", "--state", path, "-n", "5000"]);
+        assert!(out.status.success());
+        let ids: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(String::from).collect();
+        assert_eq!(ids.len(), 5000);
+        insert_unique(&mut seen, ids);
+    }
+    // Decode forgives case and hyphens and reports the counter.
+    let id = seen.iter().next().unwrap().clone();
+    let typed = format!("{}-{}", &id[..3], &id[3..]).to_lowercase();
+    let out = run(&["decode", "--state", path, &typed]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains(&format!("id       {id}")), "{text}");
+    assert!(text.contains("may have been issued"), "{text}");
+
+    let out = run(&["inspect", "--state", path]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("partition      node 0 of 1"), "{text}");
+    assert!(text.contains("waste/restart  at most"), "{text}");
+}
+
+#[test]
+fn sequential_state_counts_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &["--sequential"]);
+    let out = run(&["gen", "--state", state.to_str().unwrap(), "-n", "3"]);
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "0000000\n0000001\n0000002\n");
+}
+
+#[test]
+fn bad_flags_name_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &[]);
+    let path = state.to_str().unwrap();
+    for (flag, value, needle) in [
+        ("--max-batch", "0", "--max-batch 0 is out of range"),
+        ("--cpus", "banana", "--cpus \"banana\" is not a CPU list"),
+        ("--rate-limit", "lots", "--rate-limit \"lots\" is not a rate"),
+        ("--workers", "0", "--workers 0 is out of range"),
+    ] {
+        let out = run(&["serve", "--check-config", "--state", path, flag, value]);
+        assert_eq!(out.status.code(), Some(78), "{flag}");
+        assert!(stderr(&out).contains(needle), "{flag}: {}", stderr(&out));
+    }
+    let out = run(&["decode", "--state", path, "B762FU0"]);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(stderr(&out).contains("'U' is never used"));
+}

@@ -1,0 +1,234 @@
+//! Helpers shared by the integration tests: run the real binary, start a
+//! daemon on port 0 and learn its address, talk UDP, and collect IDs.
+
+#![allow(dead_code)] // each test module uses a different subset
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub fn tradeid() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tradeid"))
+}
+
+/// Runs the binary to completion.
+pub fn run(args: &[&str]) -> Output {
+    tradeid().args(args).output().expect("run tradeid")
+}
+
+/// `tradeid init --state DIR/NAME EXTRA...`, asserting success.
+pub fn init_state(dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
+    let path = dir.join(name);
+    let mut args = vec!["init", "--state", path.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let out = run(&args);
+    assert!(out.status.success(), "init failed: {}", String::from_utf8_lossy(&out.stderr));
+    path
+}
+
+/// A running `tradeid serve`, killed when dropped.
+pub struct Daemon {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    pub stderr: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    /// Starts `serve --state STATE --listen 127.0.0.1:0 EXTRA...` and waits
+    /// for its "listening on" line.
+    pub fn start(state: &Path, extra: &[&str]) -> Daemon {
+        Daemon::start_with(state, extra, &[]).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// As `start`, with extra environment, returning the failure text.
+    pub fn start_with(state: &Path, extra: &[&str], env: &[(&str, &str)]) -> Result<Daemon, String> {
+        let mut cmd = tradeid();
+        cmd.args(["serve", "--state", state.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+        cmd.args(extra);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+        let mut child = cmd.spawn().map_err(|e| e.to_string())?;
+        let stdout = child.stdout.take().unwrap();
+        let stderr_pipe = child.stderr.take().unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        {
+            let stderr = Arc::clone(&stderr);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr_pipe).lines().map_while(Result::ok) {
+                    let mut s = stderr.lock().unwrap();
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+            });
+        }
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut admin = None;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(a) = line.strip_prefix("admin listening on ") {
+                        admin = Some(a.parse().unwrap());
+                    }
+                    if let Some(a) = line.strip_prefix("listening on ") {
+                        let addr = a.parse().unwrap();
+                        return Ok(Daemon { child, addr, admin, stderr });
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let status = child.wait().ok();
+                    std::thread::sleep(Duration::from_millis(50));
+                    return Err(format!("daemon did not start (status {status:?}):\n{}", stderr.lock().unwrap()));
+                }
+            }
+        }
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends `signal` and waits up to `limit` for the exit.
+    pub fn signal_and_wait(&mut self, signal: &str, limit: Duration) -> Option<ExitStatus> {
+        Command::new("kill").args([&format!("-{signal}"), &self.child.id().to_string()]).status().unwrap();
+        wait_timeout(&mut self.child, limit)
+    }
+
+    /// Waits up to `limit` for the process to exit by itself.
+    pub fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
+        wait_timeout(&mut self.child, limit)
+    }
+
+    /// Everything written to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// GET a path on the admin listener: (status, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin.expect("daemon started with --admin"), path)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    None
+}
+
+/// A minimal HTTP/1.1 GET: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// An 8-byte NEXT request for `count` IDs.
+pub fn request(count: u16) -> Vec<u8> {
+    let c = count.to_be_bytes();
+    vec![0x49, 0x44, 0x01, 0x01, c[0], c[1], 0, 0]
+}
+
+/// A connected client socket with a receive timeout.
+pub fn client_socket(server: SocketAddr, timeout: Duration) -> UdpSocket {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.connect(server).unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
+    s
+}
+
+/// Sends one datagram and returns the reply, or `None` on timeout.
+pub fn exchange(server: SocketAddr, datagram: &[u8], timeout: Duration) -> Option<Vec<u8>> {
+    let s = client_socket(server, timeout);
+    s.send(datagram).unwrap();
+    let mut buf = vec![0u8; 65536];
+    s.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
+}
+
+/// Splits a reply into IDs, asserting every one is well formed.
+pub fn ids_of(reply: &[u8]) -> Vec<String> {
+    assert_eq!(reply.len() % 7, 0, "reply {reply:?} is not whole IDs");
+    reply
+        .chunks(7)
+        .map(|c| {
+            let s = std::str::from_utf8(c).unwrap().to_string();
+            assert!(tradeid::Id::from_wire(c).is_some(), "malformed ID {s:?}");
+            s
+        })
+        .collect()
+}
+
+/// Inserts every ID, panicking on the first duplicate.
+pub fn insert_unique(seen: &mut HashSet<String>, ids: impl IntoIterator<Item = String>) {
+    for id in ids {
+        assert!(seen.insert(id.clone()), "duplicate ID {id}");
+    }
+}
+
+/// Number of iterations for a chaos loop: `default` in CI, or the value of
+/// the env var `name` for long runs.
+pub fn iterations(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// A small deterministic PRNG for randomised tests (seed printed on failure
+/// by the caller).
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// A seed from the clock, or `TRADEID_TEST_SEED`.
+pub fn seed() -> u64 {
+    std::env::var("TRADEID_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
+    })
+}

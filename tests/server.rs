@@ -1,0 +1,303 @@
+//! The UDP server: uniqueness under load, the wire protocol's edges,
+//! restarts and kill -9 chaos, shutdown, exhaustion.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+const SHORT: Duration = Duration::from_millis(300);
+
+#[test]
+fn a_million_ids_through_several_workers_are_all_valid_and_unique() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &[]);
+    let daemon = Daemon::start(&state, &["--workers", "2"]);
+    const THREADS: usize = 8;
+    const PER_THREAD: usize = 130_000;
+    let results: Vec<Vec<String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let addr = daemon.addr;
+                s.spawn(move || {
+                    // Each thread has its own socket (its own source port),
+                    // so SO_REUSEPORT spreads them over the workers.
+                    let socket = client_socket(addr, Duration::from_secs(2));
+                    let mut ids = Vec::with_capacity(PER_THREAD);
+                    let mut buf = vec![0u8; 2048];
+                    let mut i = 0u64;
+                    while ids.len() < PER_THREAD {
+                        // Mostly bulk, some single requests.
+                        let count = if (i + t as u64).is_multiple_of(8) { 1 } else { 175 };
+                        socket.send(&request(count)).unwrap();
+                        let n = socket.recv(&mut buf).expect("reply within 2 s");
+                        if &buf[..4] == b"!ERR" {
+                            assert_eq!(&buf[..n], b"!ERR503", "only 'not ready' is acceptable");
+                            std::thread::sleep(Duration::from_millis(1));
+                            continue;
+                        }
+                        ids.extend(ids_of(&buf[..n]));
+                        i += 1;
+                    }
+                    ids
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut seen = HashSet::with_capacity(THREADS * PER_THREAD);
+    for ids in results {
+        insert_unique(&mut seen, ids);
+    }
+    assert!(seen.len() >= 1_000_000, "{}", seen.len());
+}
+
+#[test]
+fn bulk_replies_have_exact_lengths() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &[]);
+    let daemon = Daemon::start(&state, &["--workers", "1"]);
+    let mut seen = HashSet::new();
+    for (count, len) in [(0u16, 7usize), (1, 7), (2, 14), (175, 1225)] {
+        let reply = exchange(daemon.addr, &request(count), SHORT).expect("reply");
+        assert_eq!(reply.len(), len, "count {count}");
+        insert_unique(&mut seen, ids_of(&reply));
+    }
+    assert_eq!(exchange(daemon.addr, &request(176), SHORT).unwrap(), b"!ERR413");
+
+    // A raised --max-batch: max and max+1.
+    drop(daemon);
+    let daemon = Daemon::start(&state, &["--workers", "1", "--max-batch", "9358"]);
+    let reply = exchange(daemon.addr, &request(9358), SHORT).unwrap();
+    assert_eq!(reply.len(), 9358 * 7);
+    insert_unique(&mut seen, ids_of(&reply));
+    assert_eq!(exchange(daemon.addr, &request(9359), SHORT).unwrap(), b"!ERR413");
+}
+
+#[test]
+fn malformed_datagrams_get_no_reply_and_the_server_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &[]);
+    let daemon = Daemon::start(&state, &["--workers", "2", "--admin", "127.0.0.1:0"]);
+    let mut garbage: Vec<Vec<u8>> = vec![Vec::new()];
+    for len in 1..8 {
+        garbage.push(request(1)[..len].to_vec());
+    }
+    garbage.push(b"XD\x01\x01\x00\x01\x00\x00".to_vec());
+    garbage.push((0..65507u32).map(|i| (i * 7 + 3) as u8).collect()); // 64 KiB of garbage
+    for datagram in &garbage {
+        let socket = client_socket(daemon.addr, Duration::from_millis(150));
+        socket.send(datagram).unwrap();
+        let mut buf = [0u8; 64];
+        assert!(socket.recv(&mut buf).is_err(), "{}-byte datagram got a reply", datagram.len());
+        // The same socket still gets IDs afterwards.
+        socket.set_read_timeout(Some(SHORT)).unwrap();
+        socket.send(&request(1)).unwrap();
+        let n = socket.recv(&mut buf).expect("server still serving");
+        ids_of(&buf[..n]);
+    }
+    let (_, metrics) = daemon.http_get("/metrics");
+    let count = |label: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("tradeid_drops_total{{reason=\"{label}\"}}")))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap()
+    };
+    assert_eq!(count("short"), 8);
+    assert_eq!(count("bad_magic"), 2);
+}
+
+#[test]
+fn unknown_version_and_opcode_get_their_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &[]);
+    let daemon = Daemon::start(&state, &["--workers", "1"]);
+    assert_eq!(exchange(daemon.addr, b"ID\x02\x01\x00\x01\x00\x00", SHORT).unwrap(), b"!ERR505");
+    assert_eq!(exchange(daemon.addr, b"ID\x00\x01\x00\x01\x00\x00", SHORT).unwrap(), b"!ERR505");
+    assert_eq!(exchange(daemon.addr, b"ID\x01\x02\x00\x01\x00\x00", SHORT).unwrap(), b"!ERR400");
+    assert_eq!(exchange(daemon.addr, b"ID\x01\x00\x00\x01\x00\x00", SHORT).unwrap(), b"!ERR400");
+    // Reserved bytes and padding are ignored.
+    assert_eq!(exchange(daemon.addr, b"ID\x01\x01\x00\x01\xff\xffpad", SHORT).unwrap().len(), 7);
+}
+
+/// Hammers `addr` from `clients` threads until `stop`, mixing single and
+/// bulk requests; returns every ID received.
+fn hammer(addr: std::net::SocketAddr, clients: usize, stop: &std::sync::atomic::AtomicBool) -> Vec<String> {
+    use std::sync::atomic::Ordering;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..clients)
+            .map(|c| {
+                s.spawn(move || {
+                    let socket = client_socket(addr, Duration::from_millis(50));
+                    let mut ids = Vec::new();
+                    let mut buf = vec![0u8; 2048];
+                    let mut i = c;
+                    while !stop.load(Ordering::Relaxed) {
+                        let count = [1u16, 175, 16, 1, 2][i % 5];
+                        i += 1;
+                        if socket.send(&request(count)).is_err() {
+                            std::thread::sleep(Duration::from_millis(2));
+                            continue;
+                        }
+                        if let Ok(n) = socket.recv(&mut buf) {
+                            if &buf[..4] != b"!ERR" {
+                                ids.extend(ids_of(&buf[..n]));
+                            }
+                        }
+                    }
+                    // Late replies still in the socket are real IDs too.
+                    socket.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+                    while let Ok(n) = socket.recv(&mut buf) {
+                        if &buf[..4] != b"!ERR" {
+                            ids.extend(ids_of(&buf[..n]));
+                        }
+                    }
+                    ids
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn kill_9_chaos_never_repeats_an_id() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let iterations = iterations("TRADEID_CHAOS_ITERATIONS", 50);
+    let seed = seed();
+    let mut rng = Rng(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &[]);
+    let mut seen = HashSet::new();
+    let mut total = 0usize;
+    for round in 0..iterations {
+        let workers = 1 + rng.below(2);
+        // Small blocks make flushes frequent, so kills land mid-reservation.
+        let block_max = ["64", "1024", "1048576"][rng.below(3) as usize];
+        let mut daemon = Daemon::start(&state, &["--workers", &workers.to_string(), "--block-max", block_max]);
+        let stop = AtomicBool::new(false);
+        let kill_after = Duration::from_millis(20 + rng.below(150));
+        let addr = daemon.addr;
+        let ids = std::thread::scope(|s| {
+            let killer = s.spawn(|| {
+                std::thread::sleep(kill_after);
+                daemon.kill9();
+                std::thread::sleep(Duration::from_millis(30));
+                stop.store(true, Ordering::Relaxed);
+            });
+            let ids = hammer(addr, 3, &stop);
+            killer.join().unwrap();
+            ids
+        });
+        total += ids.len();
+        for id in ids {
+            assert!(seen.insert(id.clone()), "seed {seed}, round {round}: duplicate {id} after kill -9");
+        }
+    }
+    assert!(total > iterations * 10, "too few IDs received ({total}) for the test to mean anything");
+}
+
+#[test]
+fn restarting_with_a_different_worker_count_gives_no_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &[]);
+    let mut seen = HashSet::new();
+    for workers in ["1", "2", "3", "1"] {
+        let mut daemon = Daemon::start(&state, &["--workers", workers]);
+        for _ in 0..200 {
+            let socket = client_socket(daemon.addr, SHORT);
+            socket.send(&request(175)).unwrap();
+            let mut buf = [0u8; 2048];
+            let n = socket.recv(&mut buf).unwrap();
+            insert_unique(&mut seen, ids_of(&buf[..n]));
+        }
+        let status = daemon.signal_and_wait("TERM", Duration::from_secs(5)).expect("exits");
+        assert!(status.success());
+    }
+    assert_eq!(seen.len(), 4 * 200 * 175);
+}
+
+#[test]
+fn sigterm_exits_zero_within_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &[]);
+    let mut daemon = Daemon::start(&state, &["--workers", "2"]);
+    assert!(exchange(daemon.addr, &request(1), SHORT).is_some());
+    let started = Instant::now();
+    let status = daemon.signal_and_wait("TERM", Duration::from_secs(5)).expect("exited");
+    assert!(status.success(), "{status:?}\n{}", daemon.stderr());
+    assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
+
+    let mut daemon = Daemon::start(&state, &["--workers", "1"]);
+    let status = daemon.signal_and_wait("INT", Duration::from_secs(5)).expect("exited");
+    assert!(status.success());
+}
+
+#[test]
+fn a_full_space_answers_507_and_never_wraps() {
+    let dir = tempfile::tempdir().unwrap();
+    // 2^10 IDs in 64 shards of 16.
+    let state = init_state(dir.path(), "s", &["--width", "10", "--shard-bits", "4"]);
+    let daemon = Daemon::start(&state, &["--workers", "2"]);
+    let mut seen = HashSet::new();
+    let mut exhausted_replies = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while exhausted_replies < 20 {
+        assert!(Instant::now() < deadline, "never exhausted; got {} IDs", seen.len());
+        let socket = client_socket(daemon.addr, SHORT);
+        socket.send(&request(100)).unwrap();
+        let mut buf = [0u8; 2048];
+        let n = socket.recv(&mut buf).expect("reply");
+        match &buf[..n] {
+            b"!ERR507" => exhausted_replies += 1,
+            b"!ERR503" => std::thread::sleep(Duration::from_millis(2)),
+            reply => {
+                assert_eq!(exhausted_replies, 0, "IDs after exhaustion: it wrapped around");
+                insert_unique(&mut seen, ids_of(reply));
+            }
+        }
+    }
+    assert!(seen.len() <= 1024);
+    // Both workers' leftovers are at most two blocks each.
+    assert!(seen.len() >= 1024 - 4 * 16, "only {} of 1024 handed out", seen.len());
+    // Restarting does not revive the space.
+    drop(daemon);
+    let daemon = Daemon::start(&state, &["--workers", "1"]);
+    assert_eq!(exchange(daemon.addr, &request(1), SHORT).unwrap(), b"!ERR507");
+}
+
+#[test]
+fn tradeid_get_fetches_with_failover() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &[]);
+    let daemon = Daemon::start(&state, &["--workers", "1"]);
+    // The first server is dead: the client fails over to the second.
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let out = run(&[
+        "get",
+        "-n",
+        "400",
+        "--timeout-ms",
+        "50",
+        "--server",
+        &dead.to_string(),
+        "--server",
+        &daemon.addr.to_string(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ids: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(String::from).collect();
+    assert_eq!(ids.len(), 400);
+    let mut seen = HashSet::new();
+    for id in &ids {
+        ids_of(id.as_bytes());
+    }
+    insert_unique(&mut seen, ids);
+
+    // Nobody answering: a clear error and exit code 69, quickly.
+    let started = Instant::now();
+    let out = run(&["get", "--timeout-ms", "50", "--attempts", "2", "--server", &dead.to_string()]);
+    assert_eq!(out.status.code(), Some(69));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no reply from"));
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
