@@ -126,6 +126,21 @@ pub struct ServeConfig {
 }
 
 impl ServeConfig {
+    /// The defaults `tradeid serve` would use for `state` and `listen`, for
+    /// embedding the server in another program (and for tests).
+    pub fn new(state: Vec<PathBuf>, listen: SocketAddr) -> ServeConfig {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            args: ServeArgs,
+        }
+        let mut args = Defaults::parse_from(["serve", "--state", "unused"]).args;
+        args.state = state;
+        args.listen = listen;
+        ServeConfig::from_args(&args).expect("the defaults are valid")
+    }
+
     /// Validates flags ("parse, don't validate"): every error names its flag.
     pub fn from_args(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
         if !(1..=MAX_BATCH_LIMIT).contains(&args.max_batch) {
