@@ -146,17 +146,24 @@ fn describe(ch: char) -> String {
 }
 
 /// Writes the 7 canonical characters of `value` (which must be < 2^35).
+#[inline]
+pub fn encode_into(value: u64, out: &mut [u8; ID_LEN]) {
+    out.copy_from_slice(&encode_word(value).to_le_bytes()[..ID_LEN]);
+}
+
+/// The 7 characters of `value` in the low 7 bytes of a little-endian word
+/// (the top byte is zero). Writers that own the byte after the ID can store
+/// all 8 bytes at once and let the next ID overwrite the spare one.
 ///
 /// Uses a 1024-entry table of character pairs, so 35 bits take three pair
 /// look-ups and one single look-up.
-#[inline]
-pub fn encode_into(value: u64, out: &mut [u8; ID_LEN]) {
+#[inline(always)]
+pub fn encode_word(value: u64) -> u64 {
     debug_assert!(value >> MAX_WIDTH == 0);
-    let word = u64::from(PAIRS[(value >> 25) as usize & 1023])
+    u64::from(PAIRS[(value >> 25) as usize & 1023])
         | u64::from(PAIRS[(value >> 15) as usize & 1023]) << 16
         | u64::from(PAIRS[(value >> 5) as usize & 1023]) << 32
-        | u64::from(ALPHABET[value as usize & 31]) << 48;
-    out.copy_from_slice(&word.to_le_bytes()[..ID_LEN]);
+        | u64::from(ALPHABET[value as usize & 31]) << 48
 }
 
 /// The secret of the permutation: one 64-bit key per Feistel round.

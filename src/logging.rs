@@ -17,7 +17,7 @@ pub fn init() {
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     // systemd sets JOURNAL_STREAM when stderr is connected to the journal.
     if std::env::var_os("JOURNAL_STREAM").is_some() {
-        let _ = builder.event_format(Journald).fmt_fields(DefaultFields::new()).try_init();
+        let _ = builder.with_ansi(false).event_format(Journald).fmt_fields(DefaultFields::new()).try_init();
     } else {
         let _ = builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).try_init();
     }

@@ -263,9 +263,10 @@ impl Observer {
     }
 }
 
-/// (RcvbufErrors, InErrors) from the `Udp:` lines of /proc/net/snmp.
+/// (RcvbufErrors, InErrors) from the `Udp:` lines of /proc/net/snmp (read
+/// through /proc/self, which stays visible under systemd's ProcSubset=pid).
 fn kernel_udp_errors() -> Option<(u64, u64)> {
-    let text = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let text = std::fs::read_to_string("/proc/self/net/snmp").ok()?;
     let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
     let names: Vec<&str> = udp.next()?.split_whitespace().collect();
     let values: Vec<&str> = udp.next()?.split_whitespace().collect();

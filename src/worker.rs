@@ -88,14 +88,15 @@ pub fn run(socket: UdpSocket, mut handle: Handle, mut ctx: WorkerContext) -> io:
     let mut rx = RecvBatch::new();
     let mut tx = SendBatch::new(usize::from(ctx.max_batch).max(1) * ID_LEN);
     loop {
-        bump(&ctx.counters.heartbeat, 1);
         if ctx.stop.load(Ordering::Acquire) {
             break;
         }
         if ctx.stall.load(Ordering::Relaxed) {
+            // Test hook: a stuck worker, whose heartbeat does not advance.
             std::thread::sleep(Duration::from_millis(10));
             continue;
         }
+        bump(&ctx.counters.heartbeat, 1);
         match rx.recv(&socket, Wait::ForOne) {
             Ok(0) => continue,
             Ok(n) => {

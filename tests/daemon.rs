@@ -1,1 +1,258 @@
+//! Running as a daemon: sd_notify readiness, status and watchdog, metrics,
+//! the HTTP interface, journald log format, capacity warnings.
 
+use std::collections::HashSet;
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+/// A NOTIFY_SOCKET the test owns.
+struct NotifySocket {
+    socket: UnixDatagram,
+    path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl NotifySocket {
+    fn new() -> NotifySocket {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        NotifySocket { socket, path, _dir: dir }
+    }
+
+    /// The next message, or `None` after `timeout`.
+    fn recv(&self, timeout: Duration) -> Option<String> {
+        self.socket.set_read_timeout(Some(timeout)).unwrap();
+        let mut buf = [0u8; 4096];
+        let n = self.socket.recv(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+
+    /// Messages that arrive within `window`.
+    fn collect(&self, window: Duration) -> Vec<String> {
+        let deadline = Instant::now() + window;
+        let mut messages = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.recv(left.max(Duration::from_millis(1))) {
+                Some(m) => messages.push(m),
+                None => break,
+            }
+        }
+        messages
+    }
+}
+
+#[test]
+fn ready_is_sent_only_once_the_server_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &[]);
+    let notify = NotifySocket::new();
+    // A slow disk: every flush takes 400 ms, so the first blocks (one per
+    // worker) are not ready until well after the process starts.
+    let started = Instant::now();
+    let mut child = tradeid()
+        .args(["serve", "--state", state.to_str().unwrap(), "--listen", "127.0.0.1:0", "--workers", "2"])
+        .env("NOTIFY_SOCKET", &notify.path)
+        .env("TRADEID_TEST_FLUSH_DELAY_MS", "400")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ready = notify.recv(Duration::from_secs(20)).expect("a notification");
+    let waited = started.elapsed();
+    assert!(ready.starts_with("READY=1\nSTATUS="), "{ready:?}");
+    assert!(waited >= Duration::from_millis(800), "READY after {waited:?}, before both first blocks were flushed");
+    // The address is printed before READY; the server must answer at once.
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("listening on ").unwrap().parse().unwrap();
+    let reply = exchange(addr, &request(1), Duration::from_millis(200)).expect("answers right after READY");
+    ids_of(&reply);
+    Command::kill_term(&mut child);
+    let messages = notify.collect(Duration::from_secs(3));
+    assert!(messages.iter().any(|m| m == "STOPPING=1"), "{messages:?}");
+    assert!(wait_timeout(&mut child, Duration::from_secs(5)).unwrap().success());
+}
+
+/// Sends SIGTERM to a child.
+struct Command;
+impl Command {
+    fn kill_term(child: &mut std::process::Child) {
+        std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    }
+}
+
+#[test]
+fn watchdog_pings_stop_while_a_worker_is_stalled() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &[]);
+    let stall = dir.path().join("stall");
+    let notify = NotifySocket::new();
+    let daemon = Daemon::start_with(
+        &state,
+        &["--workers", "2"],
+        &[
+            ("NOTIFY_SOCKET", notify.path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "400000"),
+            ("TRADEID_TEST_STALL_FILE", stall.to_str().unwrap()),
+        ],
+    )
+    .unwrap();
+    let pings = |window| notify.collect(window).iter().filter(|m| *m == "WATCHDOG=1").count();
+    // Healthy: a ping every 200 ms.
+    let healthy = pings(Duration::from_millis(1500));
+    assert!(healthy >= 4, "{healthy} pings in 1.5 s");
+    // Worker 0 stalls: after a grace tick, no more pings.
+    std::fs::write(&stall, "").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    notify.collect(Duration::from_millis(10));
+    let stalled = pings(Duration::from_millis(1500));
+    assert_eq!(stalled, 0, "pinged while a worker was stuck");
+    // Unstalled: pings resume.
+    std::fs::remove_file(&stall).unwrap();
+    let resumed = pings(Duration::from_millis(1500));
+    assert!(resumed >= 3, "{resumed} pings after recovery");
+    assert!(daemon.stderr().contains("withholding the watchdog ping"));
+}
+
+fn metric(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+#[test]
+fn metrics_move_as_the_server_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &[]);
+    let daemon = Daemon::start(&state, &["--workers", "2", "--admin", "127.0.0.1:0"]);
+    let (status, before) = daemon.http_get("/metrics");
+    assert_eq!(status, 200);
+    for name in [
+        "tradeid_requests_total{worker=\"1\"}",
+        "tradeid_ids_served_total",
+        "tradeid_drops_total{reason=\"not_allowed\"}",
+        "tradeid_errors_total{code=\"507\"}",
+        "tradeid_request_batch_size_bucket{le=\"175\"}",
+        "tradeid_blocks_reserved_total",
+        "tradeid_block_size",
+        "tradeid_flush_seconds_bucket{le=\"+Inf\"}",
+        "tradeid_ids_remaining",
+        "tradeid_burn_rate_ids_per_second",
+        "tradeid_exhaustion_eta_seconds",
+        "tradeid_kernel_udp_rcvbuf_errors_total",
+    ] {
+        assert!(before.contains(name), "missing {name}");
+    }
+    for _ in 0..10 {
+        ids_of(&exchange(daemon.addr, &request(10), Duration::from_secs(1)).unwrap());
+    }
+    assert_eq!(exchange(daemon.addr, &request(500), Duration::from_secs(1)).unwrap(), b"!ERR413");
+    let (_, after) = daemon.http_get("/metrics");
+    assert_eq!(metric(&after, "tradeid_ids_served_total") - metric(&before, "tradeid_ids_served_total"), 100.0);
+    assert_eq!(metric(&after, "tradeid_requests_total") - metric(&before, "tradeid_requests_total"), 10.0);
+    assert_eq!(metric(&after, "tradeid_errors_total{code=\"413\"}"), 1.0);
+    assert_eq!(
+        metric(&after, "tradeid_request_batch_size_bucket{le=\"16\"}")
+            - metric(&before, "tradeid_request_batch_size_bucket{le=\"16\"}"),
+        10.0
+    );
+    assert!(metric(&after, "tradeid_blocks_reserved_total") >= 2.0);
+    assert!(metric(&after, "tradeid_ids_remaining") < (1u64 << 35) as f64);
+}
+
+#[test]
+fn http_hands_out_unique_ids_and_rejects_bad_queries() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &[]);
+    let daemon = Daemon::start(&state, &["--workers", "1", "--admin", "127.0.0.1:0", "--max-batch", "50"]);
+    let mut seen = HashSet::new();
+    for _ in 0..20 {
+        let (status, body) = daemon.http_get("/id");
+        assert_eq!(status, 200);
+        insert_unique(&mut seen, ids_of(body.trim().as_bytes()));
+    }
+    let (status, body) = daemon.http_get("/ids?count=50");
+    assert_eq!(status, 200);
+    let lines: Vec<String> = body.lines().map(String::from).collect();
+    assert_eq!(lines.len(), 50);
+    for id in &lines {
+        ids_of(id.as_bytes());
+    }
+    insert_unique(&mut seen, lines);
+    // UDP and HTTP never overlap either.
+    insert_unique(&mut seen, ids_of(&exchange(daemon.addr, &request(50), Duration::from_secs(1)).unwrap()));
+
+    for (query, needle) in [
+        ("/ids?count=51", "count must be 1..=50"),
+        ("/ids?count=0", "count must be 1..=50"),
+        ("/ids?count=abc", "whole number"),
+        ("/ids", "missing count"),
+        ("/ids?size=3", "unknown query parameter"),
+        ("/id?count=3", "takes no query string"),
+    ] {
+        let (status, body) = daemon.http_get(query);
+        assert_eq!(status, 400, "{query}");
+        assert!(body.contains(needle), "{query}: {body}");
+    }
+}
+
+#[test]
+fn openapi_describes_exactly_the_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &[]);
+    let daemon = Daemon::start(&state, &["--workers", "1", "--admin", "127.0.0.1:0"]);
+    let (status, body) = daemon.http_get("/openapi.json");
+    assert_eq!(status, 200);
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let paths = doc["paths"].as_object().unwrap();
+    for path in paths.keys() {
+        let url = if path == "/ids" { "/ids?count=1".to_string() } else { path.clone() };
+        let (status, _) = daemon.http_get(&url);
+        assert_eq!(status, 200, "{path} is documented but answers {status}");
+    }
+    for undocumented in ["/", "/admin", "/metrics/", "/id/1"] {
+        assert_eq!(daemon.http_get(undocumented).0, 404, "{undocumented}");
+    }
+    assert_eq!(daemon.http_get("/healthz"), (200, "ok\n".into()));
+    assert_eq!(daemon.http_get("/readyz"), (200, "ready\n".into()));
+}
+
+#[test]
+fn logs_are_journald_friendly_under_systemd() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &[]);
+    let mut daemon = Daemon::start_with(&state, &["--workers", "1"], &[("JOURNAL_STREAM", "8:1234")]).unwrap();
+    daemon.signal_and_wait("TERM", Duration::from_secs(5)).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let log = daemon.stderr();
+    let first = log.lines().next().unwrap();
+    assert!(first.starts_with("<6>state opened"), "{first}");
+    assert!(first.contains("remaining=") && first.contains("shards=8192"), "{first}");
+    assert!(!log.contains("\u{1b}["), "no colour codes");
+}
+
+#[test]
+fn capacity_warnings_fire_as_the_space_fills() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &["--width", "12", "--shard-bits", "6"]);
+    let daemon = Daemon::start(&state, &["--workers", "1", "--block-max", "64"]);
+    let mut got = 0;
+    while got < 3500 {
+        match exchange(daemon.addr, &request(100), Duration::from_secs(1)).unwrap().as_slice() {
+            b"!ERR503" => std::thread::sleep(Duration::from_millis(1)),
+            reply => got += ids_of(reply).len(),
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !daemon.stderr().contains("ID space 80% used") {
+        assert!(Instant::now() < deadline, "{}", daemon.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(daemon.stderr().contains("ID space 50% used"));
+}

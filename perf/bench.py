@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmarks of tradeid against the echo baseline.
+
+Every comparison runs both servers in the same invocation, alternating
+A/B/A/B, and reports the median of the repetitions and the ratio. Run from
+the repository root after `cargo build --release --workspace`:
+
+    python3 perf/bench.py [--seconds 3] [--reps 3] [--only single,bulk,latency,rss,limits,steering]
+
+Prints Markdown tables (the ones in perf.md).
+"""
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRADEID = os.path.join(ROOT, "target/release/tradeid")
+LOADGEN = os.path.join(ROOT, "target/release/loadgen")
+
+
+class Server:
+    """A server process on loopback, stopped on exit."""
+
+    def __init__(self, argv):
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        for line in self.proc.stdout:
+            if line.startswith("listening on "):
+                self.addr = line.split()[-1]
+                return
+        raise RuntimeError(f"{argv[0]} did not start")
+
+    def rss_kib(self):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return 0
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def tradeid(workers, extra=()):
+    state = os.path.join(tempfile.mkdtemp(prefix="tradeid-bench-"), "state")
+    subprocess.run([TRADEID, "init", "--state", state], check=True, stdout=subprocess.DEVNULL)
+    return Server([TRADEID, "serve", "--state", state, "--listen", "127.0.0.1:0", "--workers", str(workers),
+                   "--max-batch", "175", *extra])
+
+
+def echo(workers, reply_len, cpus=None):
+    pin = ["--cpus", cpus] if cpus else []
+    return Server([LOADGEN, "echo", "--listen", "127.0.0.1:0", "--workers", str(workers),
+                   "--reply-len", str(reply_len), "--duration", "600", *pin])
+
+
+def load(server, seconds, args):
+    out = subprocess.run([LOADGEN, "--target", server.addr, "--duration", str(seconds), "--quiet",
+                          "--server-pid", str(server.proc.pid), "--json", "-", *args],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out[out.index("\n{") + 1:])
+
+
+def pair(make_a, make_b, seconds, reps, args_a, args_b):
+    """Runs A and B alternately; returns (runs_a, runs_b)."""
+    runs_a, runs_b = [], []
+    for _ in range(reps):
+        for make, args, runs in ((make_a, args_a, runs_a), (make_b, args_b, runs_b)):
+            server = make()
+            try:
+                time.sleep(0.2)
+                runs.append(load(server, seconds, args))
+            finally:
+                server.stop()
+    return runs_a, runs_b
+
+
+def med(runs, key):
+    return statistics.median(r[key] for r in runs)
+
+
+def single(o):
+    print("\n### Single ID: tradeid vs echo (7-byte replies)\n")
+    print("Pinned: the server's worker on CPU 1, loadgen on CPU 0. Unpinned 2-worker rows share both cores with loadgen.\n")
+    print("| server workers | loadgen sockets x window | tradeid req/s | echo req/s | ratio | tradeid CPU us/reply | echo CPU us/reply | CPU ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    configs = [(1, "1", s, w) for s, w in ((1, 16), (4, 16), (8, 32))] + [(2, None, s, w) for s, w in ((4, 16), (8, 32))]
+    for workers, cpus, sockets, window in configs:
+        lg = ["--sockets", str(sockets), "--window", str(window)] + (["--cpus", "0"] if cpus else [])
+        pin = ["--cpus", cpus] if cpus else []
+        a, b = pair(lambda: tradeid(workers, pin), lambda: echo(workers, 7, cpus), o.seconds, o.reps,
+                    lg, lg + ["--request-hex", "4944010100010000", "--reply-len", "7"])
+        ta, tb = med(a, "requests_per_second"), med(b, "requests_per_second")
+        ca, cb = med(a, "server_cpu_us_per_reply"), med(b, "server_cpu_us_per_reply")
+        label = f"{workers} (CPU {cpus})" if cpus else f"{workers} (unpinned load)"
+        print(f"| {label} | {sockets} x {window} | {ta:,.0f} | {tb:,.0f} | {ta / tb:.3f} | {ca:.2f} | {cb:.2f} | {ca / cb:.3f} |")
+        sys.stdout.flush()
+
+
+def bulk(o):
+    print("\n### Bulk: tradeid vs echo with the same reply sizes (1 worker on CPU 1, loadgen on CPU 0, 4 sockets x 16)\n")
+    print("| IDs/request | reply bytes | tradeid req/s | echo req/s | datagram ratio | tradeid IDs/s | goal IDs/s (0.7 x echo x batch) |")
+    print("|---|---|---|---|---|---|---|")
+    for batch in (1, 16, 175):
+        lg = ["--sockets", "4", "--window", "16", "--cpus", "0"]
+        hexreq = "49440101" + f"{batch:04x}" + "0000"
+        a, b = pair(lambda: tradeid(1, ["--cpus", "1"]), lambda: echo(1, 7 * batch, "1"), o.seconds, o.reps,
+                    lg + ["--batch", str(batch)], lg + ["--request-hex", hexreq, "--reply-len", str(7 * batch)])
+        ta, tb = med(a, "requests_per_second"), med(b, "requests_per_second")
+        print(f"| {batch} | {7 * batch} | {ta:,.0f} | {tb:,.0f} | {ta / tb:.3f} | {med(a, 'ids_per_second'):,.0f} | {0.7 * tb * batch:,.0f} |")
+        sys.stdout.flush()
+
+
+def latency(o):
+    print("\n### Latency at fixed rates, open loop (1 worker on CPU 1, loadgen on CPU 0, 4 sockets; latency from intended send time)\n")
+    lg = ["--sockets", "4", "--window", "16", "--cpus", "0"]
+    a, _ = pair(lambda: tradeid(1, ["--cpus", "1"]), lambda: echo(1, 7, "1"), o.seconds, 1, lg,
+                lg + ["--request-hex", "4944010100010000", "--reply-len", "7"])
+    peak = med(a, "requests_per_second")
+    print(f"Measured closed-loop maximum for tradeid: {peak:,.0f} req/s.\n")
+    print("| rate | server | achieved/s | p50 us | p90 us | p99 us | p99.9 us | max us | fell behind |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for frac in (0.25, 0.5, 0.75):
+        rate = int(peak * frac)
+        lg = ["--sockets", "4", "--rate", str(rate), "--cpus", "0"]
+        a, b = pair(lambda: tradeid(1, ["--cpus", "1"]), lambda: echo(1, 7, "1"), o.seconds, 1, lg,
+                    lg + ["--request-hex", "4944010100010000", "--reply-len", "7"])
+        for name, r in (("tradeid", a[0]), ("echo", b[0])):
+            l = r["latency_us"]
+            print(f"| {int(frac * 100)}% ({rate:,}/s) | {name} | {r['sent'] / r['seconds']:,.0f} | {l['p50']} | {l['p90']} | {l['p99']} | {l['p999']} | {l['max']} | {r['generator_fell_behind']} |")
+        sys.stdout.flush()
+
+
+def rss(o):
+    print("\n### Resident memory\n")
+    server = tradeid(2)
+    try:
+        time.sleep(0.2)
+        load(server, 2, ["--batch", "175", "--sockets", "4", "--window", "16"])
+        print(f"tradeid with 2 workers after a bulk run: VmRSS {server.rss_kib() / 1024:.1f} MiB")
+    finally:
+        server.stop()
+
+
+def limits(o):
+    print("\n### Cost of the network protections (1 worker on CPU 1, loadgen on CPU 0, 4 sockets x 16, single ID)\n")
+    print("| configuration | req/s | ratio to default | CPU us/reply |")
+    print("|---|---|---|---|")
+    lg = ["--sockets", "4", "--window", "16", "--cpus", "0"]
+    pin = ["--cpus", "1"]
+    base, limited = pair(lambda: tradeid(1, pin), lambda: tradeid(1, pin + ["--rate-limit", "100000000/s"]), o.seconds, o.reps, lg, lg)
+    untrusted, _ = pair(lambda: tradeid(1, pin + ["--trust", "10.0.0.0/8"]), lambda: tradeid(1, pin), o.seconds, o.reps, lg, lg)
+    b = med(base, "requests_per_second")
+    for name, runs in (("default (allowlist + trust checks)", base), ("--rate-limit on (never triggers)", limited),
+                       ("loopback untrusted (3x rule applied)", untrusted)):
+        r = med(runs, "requests_per_second")
+        print(f"| {name} | {r:,.0f} | {r / b:.3f} | {med(runs, 'server_cpu_us_per_reply'):.2f} |")
+
+
+def steering(o):
+    print("\n### SO_ATTACH_REUSEPORT_CBPF CPU steering (2 workers pinned to CPUs 0-1, 4 sockets x 16)\n")
+    print("| configuration | req/s | ratio |")
+    print("|---|---|---|")
+    lg = ["--sockets", "4", "--window", "16"]
+    off, on = pair(lambda: tradeid(2, ["--cpus", "0-1"]), lambda: tradeid(2, ["--cpus", "0-1", "--cpu-steering"]),
+                   o.seconds, o.reps, lg, lg)
+    a, b = med(off, "requests_per_second"), med(on, "requests_per_second")
+    print(f"| hash (default) | {a:,.0f} | 1.000 |")
+    print(f"| cpu steering | {b:,.0f} | {b / a:.3f} |")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--seconds", type=float, default=3)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--only", default="single,bulk,latency,rss,limits,steering")
+    o = p.parse_args()
+    for name in o.only.split(","):
+        globals()[name](o)
+
+
+if __name__ == "__main__":
+    main()
