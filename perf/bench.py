@@ -68,7 +68,7 @@ def load(server, seconds, args):
     out = subprocess.run([LOADGEN, "--target", server.addr, "--duration", str(seconds), "--quiet",
                           "--server-pid", str(server.proc.pid), "--json", "-", *args],
                          check=True, capture_output=True, text=True).stdout
-    return json.loads(out[out.index("\n{") + 1:])
+    return json.loads(out)
 
 
 def pair(make_a, make_b, seconds, reps, args_a, args_b):

@@ -31,7 +31,7 @@ for _ in $(seq 50); do grep -q '^listening' "$WORK/t.out" 2>/dev/null && break; 
 ADDR=$(sed -n 's/^listening on //p' "$WORK/t.out")
 for batch in 1 16; do
     rps=$("$ROOT/target/release/loadgen" --target "$ADDR" --duration "$SECONDS_PER_RUN" --sockets 4 --window 16 --cpus 0 --batch $batch --quiet --json - \
-        | python3 -c 'import sys,json;t=sys.stdin.read();d=json.loads(t[t.index("\n{")+1:]);print(f"{d[\"ids_per_second\"]:,.0f}")')
+        | python3 -c 'import sys,json; print("{:,.0f}".format(json.load(sys.stdin)["ids_per_second"]))')
     echo "| tradeid | UDP, batch $batch, msync per block | $rps IDs/s | durable |"
 done
 kill %1; wait %1 2>/dev/null || true

@@ -232,3 +232,17 @@ pub fn seed() -> u64 {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
     })
 }
+
+/// Asks for `count` IDs, retrying (bounded) while the server answers
+/// `!ERR503` (no block flushed yet); panics on any other error.
+pub fn fetch(addr: SocketAddr, count: u16) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = exchange(addr, &request(count), Duration::from_secs(1)).expect("a reply");
+        if reply != b"!ERR503" {
+            return ids_of(&reply);
+        }
+        assert!(Instant::now() < deadline, "still !ERR503 after 10 s");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}

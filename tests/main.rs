@@ -9,4 +9,5 @@ mod harness;
 
 mod cli;
 mod daemon;
+mod hostile;
 mod server;

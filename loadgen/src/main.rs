@@ -91,7 +91,8 @@ struct RunArgs {
     /// (8 bytes of memory per ID).
     #[arg(long)]
     check_unique: bool,
-    /// Write the summary as JSON to this file ("-" for standard output).
+    /// Write the summary as JSON to this file ("-" for standard output, with
+    /// the human summary moved to standard error).
     #[arg(long)]
     json: Option<String>,
     /// Also report the CPU time of this process (the server) per reply.
@@ -237,7 +238,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if summary.generator_fell_behind {
         eprintln!("loadgen: warning: the generator fell behind its schedule ({} late sends); the results understate what the server can do", summary.late_sends);
     }
-    summary.print();
+    // With `--json -`, standard output carries only the JSON.
+    summary.print(args.json.as_deref() == Some("-"));
     if let Some(path) = &args.json {
         let json = serde_json::to_string_pretty(&summary)?;
         if path == "-" {

@@ -116,14 +116,18 @@ impl Latency {
 }
 
 impl Summary {
-    pub(crate) fn print(&self) {
-        println!("--- {} against {} for {:.2} s ---", self.mode, self.target, self.seconds);
-        println!(
+    pub(crate) fn print(&self, to_stderr: bool) {
+        let mut text = String::new();
+        use std::fmt::Write as _;
+        let _ = writeln!(text, "--- {} against {} for {:.2} s ---", self.mode, self.target, self.seconds);
+        let _ = writeln!(
+            text,
             "throughput  {:.0} requests/s, {:.0} IDs/s ({} replies, {} IDs)",
             self.requests_per_second, self.ids_per_second, self.replies, self.ids
         );
         if let Some(rate) = self.target_rate {
-            println!(
+            let _ = writeln!(
+                text,
                 "rate        target {rate:.0}/s, achieved {:.0}/s{}",
                 self.sent as f64 / self.seconds,
                 if self.generator_fell_behind {
@@ -134,20 +138,34 @@ impl Summary {
             );
         }
         let l = &self.latency_us;
-        println!(
+        let _ = writeln!(
+            text,
             "latency us  p50 {}  p90 {}  p99 {}  p99.9 {}  p99.99 {}  max {}  mean {:.1}",
             l.p50, l.p90, l.p99, l.p999, l.p9999, l.max, l.mean
         );
-        println!("loss        {} lost, {} unmatched, {} malformed", self.lost, self.unmatched, self.malformed);
+        let _ = writeln!(
+            text,
+            "loss        {} lost, {} unmatched, {} malformed",
+            self.lost, self.unmatched, self.malformed
+        );
         if !self.errors.is_empty() {
-            println!("errors      {:?}", self.errors);
+            let _ = writeln!(text, "errors      {:?}", self.errors);
         }
         if let Some(d) = self.duplicates {
-            println!("duplicates  {d}");
+            let _ = writeln!(text, "duplicates  {d}");
         }
-        println!("client cpu  {:.2} s ({:.2} us/reply)", self.client_cpu_seconds, self.client_cpu_us_per_reply);
+        let _ = writeln!(
+            text,
+            "client cpu  {:.2} s ({:.2} us/reply)",
+            self.client_cpu_seconds, self.client_cpu_us_per_reply
+        );
         if let (Some(s), Some(per)) = (self.server_cpu_seconds, self.server_cpu_us_per_reply) {
-            println!("server cpu  {s:.2} s ({per:.2} us/reply)");
+            let _ = writeln!(text, "server cpu  {s:.2} s ({per:.2} us/reply)");
+        }
+        if to_stderr {
+            eprint!("{text}");
+        } else {
+            print!("{text}");
         }
     }
 }

@@ -11,9 +11,7 @@ use tradeid::state::{create, Geometry, Header};
 fn loadgen(args: &[&str]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_loadgen")).args(args).args(["--json", "-", "--quiet"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8(out.stdout).unwrap();
-    let json = &text[text.find("\n{").expect("JSON after the summary") + 1..];
-    serde_json::from_str(json).unwrap()
+    serde_json::from_slice(&out.stdout).expect("standard output is the JSON summary")
 }
 
 fn start_tradeid(dir: &std::path::Path) -> Server {
