@@ -346,7 +346,18 @@ impl Server {
                 .context("cannot spawn a worker thread")?;
             threads.push(thread);
         }
-        tracing::info!(%local_addr, workers, cpus = ?config.worker_cpus, max_batch = config.max_batch, "serving");
+        tracing::info!(
+            %local_addr,
+            workers,
+            cpus = ?config.worker_cpus,
+            max_batch = config.max_batch,
+            allow = ?config.policy.allow.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            trust = ?config.policy.trust.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            rate_limit_per_second = ?config.rate_limit,
+            admin = ?config.admin,
+            cpu_steering = config.cpu_steering,
+            "serving"
+        );
         Ok(Server { generator, counters, local_addr, config, stop, stall, workers: threads })
     }
 

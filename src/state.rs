@@ -749,7 +749,13 @@ impl Snapshot {
             }
             Err(e) => return Err(io_err("cannot read state file", path)(e)),
         };
-        let (header, slots) = decode_file(path, &contents)?;
+        Snapshot::decode(path, &contents)
+    }
+
+    /// Validates a state file's bytes (`path` only names it in errors).
+    /// Pure: the same checks as opening for service.
+    pub fn decode(path: &Path, contents: &[u8]) -> Result<Snapshot, StateError> {
+        let (header, slots) = decode_file(path, contents)?;
         Ok(Snapshot {
             header,
             marks: slots.iter().map(|s| s.mark).collect(),

@@ -97,30 +97,37 @@ pub fn run(socket: UdpSocket, mut handle: Handle, mut ctx: WorkerContext) -> io:
             continue;
         }
         bump(&ctx.counters.heartbeat, 1);
-        match rx.recv(&socket, Wait::ForOne) {
-            Ok(0) => continue,
-            Ok(n) => {
-                answer(&mut ctx, &mut handle, &rx, &mut tx, n);
-                send(&ctx, &socket, &rx, &mut tx)?;
-            }
-            Err(e) if net::is_fatal(&e) => return Err(e),
-            Err(_) => bump(&ctx.counters.recv_failures, 1),
-        }
+        serve_batch(&mut ctx, &mut handle, &socket, &mut rx, &mut tx, Wait::ForOne)?;
     }
     // Shutdown: answer what the kernel already queued for us, briefly.
     let deadline = Instant::now() + DRAIN_LIMIT;
-    while Instant::now() < deadline {
-        match rx.recv(&socket, Wait::No) {
-            Ok(0) => break,
-            Ok(n) => {
-                answer(&mut ctx, &mut handle, &rx, &mut tx, n);
-                send(&ctx, &socket, &rx, &mut tx)?;
-            }
-            Err(e) if net::is_fatal(&e) => return Err(e),
-            Err(_) => break,
-        }
-    }
+    while Instant::now() < deadline && serve_batch(&mut ctx, &mut handle, &socket, &mut rx, &mut tx, Wait::No)? > 0 {}
     Ok(())
+}
+
+/// One receive → answer → send round; returns how many datagrams came in.
+/// Non-fatal receive errors are counted and reported as 0 datagrams.
+fn serve_batch(
+    ctx: &mut WorkerContext,
+    handle: &mut Handle,
+    socket: &UdpSocket,
+    rx: &mut RecvBatch,
+    tx: &mut SendBatch,
+    wait: Wait,
+) -> io::Result<usize> {
+    let n = match rx.recv(socket, wait) {
+        Ok(n) => n,
+        Err(e) if net::is_fatal(&e) => return Err(e),
+        Err(_) => {
+            bump(&ctx.counters.recv_failures, 1);
+            return Ok(0);
+        }
+    };
+    if n > 0 {
+        answer(ctx, handle, rx, tx, n);
+        send(ctx, socket, rx, tx)?;
+    }
+    Ok(n)
 }
 
 fn send(ctx: &WorkerContext, socket: &UdpSocket, rx: &RecvBatch, tx: &mut SendBatch) -> io::Result<()> {

@@ -213,3 +213,46 @@ fn nanos(start: Instant) -> u64 {
 const LATE: u64 = 1_000_000;
 /// Longest idle wait between checks.
 const POLL_WAIT: Duration = Duration::from_millis(1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> Plan {
+        Plan {
+            target: "127.0.0.1:9".parse().unwrap(),
+            request: Vec::new(),
+            expect: Expect::Tradeid,
+            sockets_per_thread: vec![1],
+            window: 1,
+            rate: Some(1000.0),
+            poisson: false,
+            seed: 1,
+            timeout: Duration::from_secs(1),
+            duration: Duration::from_secs(1),
+            max_requests_per_thread: 10,
+            check_unique: true,
+            cpus: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn latency_is_measured_from_the_intended_send_time() {
+        let plan = plan();
+        let (mut tally, mut interval, mut inflight) = (Tally::new(), new_histogram(), InFlight::default());
+        // Intended at 1 ms (the open loop pushes the intended time, even if
+        // the send itself went out late); the reply arrives at 5 ms.
+        inflight.push(1_000_000);
+        account(&plan, &mut tally, &mut interval, &mut inflight, b"B762F00", 5_000_000);
+        let latency = tally.latency_us.value_at_quantile(1.0);
+        assert!((3990..=4010).contains(&latency), "{latency} us, want 4000");
+        assert_eq!(interval.len(), 1);
+        assert_eq!((tally.replies, tally.ids), (1, 1));
+        assert_eq!(tally.id_values, vec![tradeid::Id::parse("B762F00").unwrap().value()]);
+        // A reply with nothing outstanding is counted, not timed.
+        account(&plan, &mut tally, &mut interval, &mut inflight, b"!ERR503", 6_000_000);
+        assert_eq!(tally.unmatched, 1);
+        assert_eq!(tally.latency_us.len(), 1);
+        assert_eq!(tally.errors[&503], 1);
+    }
+}
