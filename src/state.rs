@@ -840,6 +840,15 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    const GOLDEN_HEADER_CRC: u32 = 558_161_692;
+    #[rustfmt::skip]
+    const GOLDEN_SLOT: [u8; SLOT_LEN] = [
+        7, 0, 0, 0, 0, 0, 0, 0, // seq 7
+        232, 3, 0, 0, 0, 0, 0, 0, // mark 1000
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, // reserved
+        228, 202, 232, 224, // CRC-32
+    ];
+
     fn small(width: u32, shard_bits: u32) -> Geometry {
         Geometry { width, shard_bits, node: 0, nodes: 1 }
     }
@@ -854,6 +863,23 @@ mod tests {
         let mut bytes = std::fs::read(path).unwrap();
         bytes[offset] ^= 0x40;
         std::fs::write(path, bytes).unwrap();
+    }
+
+    /// The on-disk format is a promise to every existing state file: these
+    /// checksums pin the exact bytes of a header and a slot.
+    #[test]
+    fn format_golden_bytes_never_change() {
+        let header = Header {
+            geometry: Geometry { width: 35, shard_bits: 22, node: 1, nodes: 3 },
+            sequential: false,
+            key: Key([1, 2, 3, 4]),
+            file_id: 0x0123_4567_89ab_cdef,
+            created_unix: 1_700_000_000,
+        };
+        let page = header.encode();
+        assert_eq!(&page[..8], b"TRADEID\0");
+        assert_eq!(crc32fast::hash(&page), GOLDEN_HEADER_CRC);
+        assert_eq!(encode_slot(7, 1000, header.file_id, 42, 1), GOLDEN_SLOT);
     }
 
     #[test]
