@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Side-by-side benchmarks of tradeid against the echo baseline.
+"""Side-by-side benchmarks of tradeid against the echo baseline (builds the
+release binaries first).
 
 Every comparison runs both servers in the same invocation, alternating
 A/B/A/B, and reports the median of the repetitions and the ratio. Run from
@@ -180,6 +181,7 @@ def steering(o):
 
 
 def main():
+    subprocess.run(["cargo", "build", "--release", "--workspace", "--quiet"], cwd=ROOT, check=True)
     p = argparse.ArgumentParser()
     p.add_argument("--seconds", type=float, default=3)
     p.add_argument("--reps", type=int, default=3)

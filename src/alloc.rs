@@ -327,6 +327,10 @@ impl Drop for Handle {
     }
 }
 
+/// A handle's first blocks are this many times `block_min` (capped at
+/// `block_max`).
+const INITIAL_BLOCK_FACTOR: u64 = 64;
+
 /// The background thread that claims shards and flushes marks.
 struct Reserver {
     shared: Arc<Shared>,
@@ -358,8 +362,10 @@ impl Reserver {
                     if self.workers.len() <= worker {
                         self.workers.resize_with(worker + 1, WorkerSlot::default);
                     }
-                    self.workers[worker] =
-                        WorkerSlot { reply: Some(reply), block_size: self.config.block_min, ..WorkerSlot::default() };
+                    // Start well above the minimum: an idle server shrinks
+                    // its blocks later, a busy one should not start starved.
+                    let block_size = (self.config.block_min * INITIAL_BLOCK_FACTOR).min(self.config.block_max);
+                    self.workers[worker] = WorkerSlot { reply: Some(reply), block_size, ..WorkerSlot::default() };
                     self.serve(worker);
                 }
                 Request::Next { worker } => self.serve(worker),
@@ -396,7 +402,11 @@ impl Reserver {
         }
     }
 
-    /// Leaf-style adaptive sizing: grow when blocks go fast, shrink when slow.
+    /// Leaf-style adaptive sizing: grow when blocks go fast, shrink when
+    /// slow. Growth is proportional: a block that lasted a tenth of
+    /// `grow_below` makes the next one ten times larger (at least double), so
+    /// a sudden burst reaches a comfortable size in one step instead of ten
+    /// doublings, each of which would risk a worker outrunning its prefetch.
     fn adapt(&mut self, worker: usize) {
         let now = Instant::now();
         let config = &self.config;
@@ -404,7 +414,9 @@ impl Reserver {
         if let Some(previous) = slot.last_request.replace(now) {
             let lasted = now - previous;
             if lasted < config.grow_below {
-                slot.block_size = (slot.block_size * 2).min(config.block_max);
+                let factor = config.grow_below.as_secs_f64() / lasted.as_secs_f64().max(1e-9);
+                let target = (slot.block_size as f64 * factor.max(2.0)).min(config.block_max as f64);
+                slot.block_size = (target as u64).clamp(config.block_min, config.block_max);
             } else if lasted > config.shrink_above {
                 slot.block_size = (slot.block_size / 2).max(config.block_min);
             }
@@ -650,6 +662,26 @@ mod tests {
         let mut handle = generator.handle().unwrap();
         handle.fill(&mut out).unwrap();
         assert_eq!(generator.stats().last_block_size.load(Ordering::Relaxed), 4, "stayed at the minimum");
+    }
+
+    #[test]
+    fn a_burst_reaches_full_block_size_in_one_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = init(dir.path(), Geometry::DEFAULT, false);
+        let config = GeneratorConfig {
+            block_min: 1,
+            block_max: 1 << 16,
+            grow_below: Duration::from_secs(3600),
+            ..GeneratorConfig::default()
+        };
+        let generator = open(&path, config);
+        let mut handle = generator.handle().unwrap();
+        let mut out = vec![0u8; 200_000 * ID_LEN];
+        handle.fill(&mut out).unwrap();
+        // Doubling from 64 to 65536 alone would take 10 blocks, 13 in all.
+        let blocks = generator.stats().blocks_reserved.load(Ordering::Relaxed);
+        assert!(blocks <= 6, "{blocks} blocks for 200k IDs");
+        assert_eq!(generator.stats().last_block_size.load(Ordering::Relaxed), 1 << 16);
     }
 
     #[test]

@@ -83,11 +83,14 @@ pub(crate) fn run_thread(
     let mut draining = false;
     loop {
         let now = nanos(start);
-        if now >= end + if draining { timeout } else { 0 } {
-            break;
-        }
+        // Past the end (or the request budget), stop sending but keep
+        // receiving for up to one timeout, so replies in flight are counted
+        // rather than reported as lost.
         if now >= end || tally.sent >= plan.max_requests_per_thread {
             draining = true;
+        }
+        if now >= end + timeout {
+            break;
         }
         if !draining {
             match schedule.as_mut() {

@@ -32,6 +32,8 @@ fn closed_loop_against_tradeid_is_unique_and_well_formed() {
     assert!(summary["requests_per_second"].as_f64().unwrap() > 0.0, "{summary}");
     assert_eq!(summary["duplicates"], 0);
     assert_eq!(summary["malformed"], 0);
+    // Replies still in flight at the end are waited for, not called lost.
+    assert_eq!(summary["lost"], 0, "{summary}");
     assert_eq!(summary["replies"], summary["ids"], "one ID per reply");
 
     let bulk = loadgen(&["--target", &target, "--duration", "1", "--batch", "16", "--check-unique"]);
