@@ -5,6 +5,12 @@
 //! - `permute+encode`: the pure hot loop over a counter range.
 //! - `handle.fill(175)`: the generator's bulk path (blocks, prefetch, flushes).
 //! - `handle.next_id()`: one ID per call.
+//!
+//! `cargo bench --bench generate -- --fixed` instead does a fixed amount of
+//! work (10,000 fills of 175 IDs) with no timing, for instruction counting:
+//! `valgrind --tool=callgrind target/release/deps/generate-* --fixed`, then
+//! `callgrind_annotate --inclusive=yes` and read `Handle::fill`. Unlike
+//! seconds on a shared VM, instruction counts repeat exactly.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -16,6 +22,9 @@ use tradeid::{Generator, GeneratorConfig};
 const RUN: Duration = Duration::from_secs(2);
 
 fn main() {
+    if std::env::args().any(|a| a == "--fixed") {
+        return fixed_work();
+    }
     pin_to_cpu0();
     let perm = Permutation::keyed(MAX_WIDTH, Key([0x1234, 0x5678, 0x9abc, 0xdef0]));
     let mut buf = vec![0u8; 4096 * ID_LEN];
@@ -49,6 +58,22 @@ fn main() {
         }
         4096
     });
+}
+
+/// 10,000 fills of 175 IDs through a real generator, untimed.
+fn fixed_work() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("bench.state");
+    create(std::slice::from_ref(&path), &Header::new(Geometry::DEFAULT, false).unwrap()).unwrap();
+    let (store, _) = Store::open(&[path]).unwrap();
+    let config = GeneratorConfig { block_min: 1 << 20, block_max: 1 << 22, ..GeneratorConfig::default() };
+    let generator = Generator::new(store, config);
+    let mut handle = generator.handle().unwrap();
+    let mut reply = [0u8; 175 * ID_LEN];
+    for _ in 0..10_000 {
+        handle.fill(&mut reply).unwrap();
+        black_box(&reply);
+    }
 }
 
 /// Runs `batch` (which returns how many IDs it made) for `RUN` and prints

@@ -129,16 +129,19 @@ def latency(o):
                 lg + ["--request-hex", "4944010100010000", "--reply-len", "7"])
     peak = med(a, "requests_per_second")
     print(f"Measured closed-loop maximum for tradeid: {peak:,.0f} req/s.\n")
-    print("| rate | server | achieved/s | p50 us | p90 us | p99 us | p99.9 us | max us | fell behind |")
+    print(f"Each cell is the median of {o.reps} runs.\n")
+    print("| rate | server | achieved/s | p50 us | p90 us | p99 us | p99.9 us | max us | runs where loadgen fell behind |")
     print("|---|---|---|---|---|---|---|---|---|")
     for frac in (0.25, 0.5, 0.75):
         rate = int(peak * frac)
         lg = ["--sockets", "4", "--rate", str(rate), "--cpus", "0"]
-        a, b = pair(lambda: tradeid(1, ["--cpus", "1"]), lambda: echo(1, 7, "1"), o.seconds, 1, lg,
+        a, b = pair(lambda: tradeid(1, ["--cpus", "1"]), lambda: echo(1, 7, "1"), o.seconds, o.reps, lg,
                     lg + ["--request-hex", "4944010100010000", "--reply-len", "7"])
-        for name, r in (("tradeid", a[0]), ("echo", b[0])):
-            l = r["latency_us"]
-            print(f"| {int(frac * 100)}% ({rate:,}/s) | {name} | {r['sent'] / r['seconds']:,.0f} | {l['p50']} | {l['p90']} | {l['p99']} | {l['p999']} | {l['max']} | {r['generator_fell_behind']} |")
+        for name, runs in (("tradeid", a), ("echo", b)):
+            pct = {k: statistics.median(r["latency_us"][k] for r in runs) for k in ("p50", "p90", "p99", "p999", "max")}
+            behind = sum(r["generator_fell_behind"] for r in runs)
+            achieved = statistics.median(r["sent"] / r["seconds"] for r in runs)
+            print(f"| {int(frac * 100)}% ({rate:,}/s) | {name} | {achieved:,.0f} | {pct['p50']:.0f} | {pct['p90']:.0f} | {pct['p99']:.0f} | {pct['p999']:.0f} | {pct['max']:.0f} | {behind}/{len(runs)} |")
         sys.stdout.flush()
 
 

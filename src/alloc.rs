@@ -43,6 +43,8 @@ pub struct GeneratorConfig {
     pub abort_on_storage_error: bool,
     /// Test hook: sleep this long before every flush (simulates a slow disk).
     pub flush_delay: Duration,
+    /// Test hook: flushes after this many fail with EIO.
+    pub fail_flushes_after: Option<u64>,
 }
 
 impl Default for GeneratorConfig {
@@ -54,6 +56,7 @@ impl Default for GeneratorConfig {
             shrink_above: Duration::from_secs(60),
             abort_on_storage_error: false,
             flush_delay: Duration::ZERO,
+            fail_flushes_after: None,
         }
     }
 }
@@ -131,6 +134,9 @@ impl Generator {
     /// Starts the reserver for an opened store.
     pub fn new(store: Store, config: GeneratorConfig) -> Generator {
         assert!(config.block_min >= 1 && config.block_min <= config.block_max);
+        if let Some(n) = config.fail_flushes_after {
+            store.fail_flushes_after(n);
+        }
         let shared = Arc::new(Shared {
             perm: store.header().permutation(),
             store,

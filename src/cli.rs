@@ -168,7 +168,7 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     let g = h.geometry;
     let capacity = g.node_capacity();
     let used = snap.used();
-    let in_use = g.node_shards().filter(|&s| (1..g.shard_size()).contains(&snap.marks[s as usize])).count();
+    let in_use: Vec<u32> = g.node_shards().filter(|&s| (1..g.shard_size()).contains(&snap.marks[s as usize])).collect();
     let full = g.node_shards().filter(|&s| snap.marks[s as usize] == g.shard_size()).count();
     let pct = |n: u64| 100.0 * n as f64 / capacity as f64;
     println!("state file     {}", args.state.display());
@@ -181,7 +181,16 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     println!("partition      node {} of {} ({} shards)", g.node, g.nodes, g.node_shards().count());
     println!("used           {used} of {capacity} ({:.4}%)", pct(used));
     println!("remaining      {} ({:.4}%)", capacity - used, pct(capacity - used));
-    println!("shards         {in_use} partly used, {full} full");
+    println!("shards         {} partly used, {full} full", in_use.len());
+    if !in_use.is_empty() {
+        let shown: Vec<String> = in_use
+            .iter()
+            .take(16)
+            .map(|&s| format!("{s} ({} of {} used)", snap.marks[s as usize], g.shard_size()))
+            .collect();
+        let more = if in_use.len() > 16 { format!(", and {} more", in_use.len() - 16) } else { String::new() };
+        println!("in use         {}{more}", shown.join(", "));
+    }
     println!(
         "waste/restart  at most {} IDs per worker (2 blocks of --block-max {})",
         2 * args.block_max,

@@ -89,6 +89,9 @@ pub struct ServeArgs {
     /// watchdog notices a stuck worker).
     #[arg(long, hide = true, env = "TRADEID_TEST_STALL_FILE")]
     pub test_stall_file: Option<PathBuf>,
+    /// Test hook: flushes after this many fail with EIO (a failing disk).
+    #[arg(long, hide = true, env = "TRADEID_TEST_FAIL_FLUSH_AFTER")]
+    pub test_fail_flush_after: Option<u64>,
     /// Test hook: milliseconds to sleep before every flush (a slow disk).
     #[arg(long, hide = true, default_value_t = 0, env = "TRADEID_TEST_FLUSH_DELAY_MS")]
     pub test_flush_delay_ms: u64,
@@ -200,6 +203,7 @@ impl ServeConfig {
                 block_min: defaults.block_min.max(4 * u64::from(args.max_batch)).min(args.block_max),
                 abort_on_storage_error: true,
                 flush_delay: Duration::from_millis(args.test_flush_delay_ms),
+                fail_flushes_after: args.test_fail_flush_after,
                 ..defaults
             },
             cpu_steering: args.cpu_steering,

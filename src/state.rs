@@ -493,6 +493,9 @@ pub struct Store {
     /// Per shard: the persisted mark, readable without a lock.
     marks: Box<[AtomicU64]>,
     poisoned: AtomicBool,
+    /// Test hook: flushes after this many fail with EIO (`u64::MAX`: never).
+    fail_flushes_after: AtomicU64,
+    flushes: AtomicU64,
 }
 
 struct Mirror {
@@ -571,6 +574,8 @@ impl Store {
             shards: newest.into_iter().map(|n| Mutex::new(ShardDisk { newest: n })).collect(),
             marks: best.iter().map(|&m| AtomicU64::new(m)).collect(),
             poisoned: AtomicBool::new(false),
+            fail_flushes_after: AtomicU64::new(u64::MAX),
+            flushes: AtomicU64::new(0),
         };
         // Repair before anything is served: rewriting the best mark into every
         // mirror is harmless for those already there.
@@ -584,6 +589,15 @@ impl Store {
             }
         }
         Ok((store, report))
+    }
+
+    /// Test hook: after `n` more successful flushes, every flush fails with
+    /// EIO, exactly where a failing `msync` would (after the slot bytes were
+    /// written). Lets tests prove that a failed flush never lets an ID of
+    /// its block out, without strace.
+    pub fn fail_flushes_after(&self, n: u64) {
+        self.flushes.store(0, Ordering::SeqCst);
+        self.fail_flushes_after.store(n, Ordering::SeqCst);
     }
 
     /// Refuses to go on if the caller expects another node partition.
@@ -688,10 +702,14 @@ impl Store {
             })
             .collect();
         for (mirror, offset) in self.mirrors.iter().zip(offsets) {
-            mirror
-                .map
-                .flush_range(offset, SLOT_LEN)
-                .map_err(|source| StateError::Flush { path: mirror.path.clone(), source })?;
+            let injected =
+                self.flushes.fetch_add(1, Ordering::SeqCst) >= self.fail_flushes_after.load(Ordering::SeqCst);
+            let result = if injected {
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            } else {
+                mirror.map.flush_range(offset, SLOT_LEN)
+            };
+            result.map_err(|source| StateError::Flush { path: mirror.path.clone(), source })?;
         }
         for (seq, slot) in disk.newest.iter_mut() {
             *seq += 1;

@@ -92,6 +92,7 @@ fn gen_prints_unique_ids_and_decode_maps_them_back() {
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("partition      node 0 of 1"), "{text}");
     assert!(text.contains("waste/restart  at most"), "{text}");
+    assert!(text.contains("in use         0 ("), "{text}");
 }
 
 #[test]

@@ -84,29 +84,11 @@ fn rate_limits_drop_floods_per_prefix() {
     assert_eq!(metric(&daemon, "tradeid_drops_total{reason=\"rate_limited\"}"), 1000 - answered as u64);
 }
 
-/// Runs `tradeid serve` under strace with the Nth and later msync calls
-/// failing with EIO.
-fn serve_with_failing_msync(state: &std::path::Path, fail_from: u32) -> std::process::Child {
-    std::process::Command::new("strace")
-        .args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=msync"])
-        .args(["-e", &format!("inject=msync:error=EIO:when={fail_from}+")])
-        .args(["--", env!("CARGO_BIN_EXE_tradeid"), "serve", "--state"])
-        .arg(state)
-        .args(["--listen", "127.0.0.1:0", "--workers", "1", "--block-max", "1024"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("strace is installed")
-}
-
-#[test]
-fn a_failed_msync_aborts_before_any_id_of_its_block_is_sent() {
-    let dir = tempfile::tempdir().unwrap();
-    // Sequential IDs are the counters themselves, so blocks are visible:
-    // block k of shard 0 is 1024k..1024(k+1).
-    let state = init_state(dir.path(), "s", &["--sequential"]);
-    // msyncs 1 and 2 (first block, its prefetch) succeed; the 3rd fails.
-    let mut child = serve_with_failing_msync(&state, 3);
+/// Starts a server whose 3rd and later flushes fail (the first block and
+/// its prefetch succeed), hammers it until it dies, and checks that every
+/// ID received lies in the two flushed blocks and that a restart resumes
+/// above them.
+fn check_failed_flush(mut child: std::process::Child, state: &std::path::Path) {
     use std::io::BufRead;
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
@@ -134,20 +116,61 @@ fn a_failed_msync_aborts_before_any_id_of_its_block_is_sent() {
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(stderr.contains("flushing state file") && stderr.contains("aborting"), "{stderr}");
-    // Every ID sent lies in the two blocks whose flush succeeded.
+    // Sequential IDs are counters: blocks 0..1024 and 1024..2048 were
+    // flushed; the third block's flush failed.
     let values: Vec<u64> = received.iter().map(|id| tradeid::Id::parse(id).unwrap().value()).collect();
     assert!(!values.is_empty());
     assert!(values.iter().all(|&v| v < 2048), "an ID from the unflushed block was sent: max {:?}", values.iter().max());
     // A restart resumes above everything sent, without duplicates.
-    let daemon = Daemon::start(&state, &["--workers", "1"]);
+    let daemon = Daemon::start(state, &["--workers", "1"]);
     let mut seen: HashSet<String> = received.into_iter().collect();
     for _ in 0..20 {
-        let reply = exchange(daemon.addr, &request(100), SHORT).unwrap();
-        for id in ids_of(&reply) {
+        for id in fetch(daemon.addr, 100) {
             assert!(tradeid::Id::parse(&id).unwrap().value() >= 2048);
             assert!(seen.insert(id));
         }
     }
+}
+
+fn serve_args(state: &std::path::Path) -> Vec<String> {
+    ["serve", "--state", state.to_str().unwrap(), "--listen", "127.0.0.1:0", "--workers", "1", "--block-max", "1024"]
+        .map(String::from)
+        .to_vec()
+}
+
+#[test]
+fn a_failed_flush_aborts_before_any_id_of_its_block_is_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    // Sequential IDs make the blocks visible: block k is 1024k..1024(k+1).
+    let state = init_state(dir.path(), "s", &["--sequential"]);
+    let child = tradeid()
+        .args(serve_args(&state))
+        .env("TRADEID_TEST_FAIL_FLUSH_AFTER", "2")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    check_failed_flush(child, &state);
+}
+
+#[test]
+fn a_real_msync_eio_from_strace_aborts_the_same_way() {
+    if std::process::Command::new("strace").arg("-V").output().is_err() {
+        eprintln!("strace is not installed; CI installs it (the failpoint test covers the same path)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &["--sequential"]);
+    // The real syscall fails: msync calls 1 and 2 succeed, 3 on get EIO.
+    let child = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=msync", "-e", "inject=msync:error=EIO:when=3+", "--"])
+        .arg(env!("CARGO_BIN_EXE_tradeid"))
+        .args(serve_args(&state))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    check_failed_flush(child, &state);
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! with sendmmsg, receives with recvmmsg, and keeps its own tally; nothing
 //! is shared on the hot path but a few progress counters.
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -72,6 +73,8 @@ pub(crate) fn run_thread(
         Schedule::new(per_thread, plan.poisson, plan.seed ^ index as u64, index as f64 * 1e9 / rate)
     });
     let mut inflight: Vec<InFlight> = sockets.iter().map(|_| InFlight::default()).collect();
+    // Open loop: requests due but not yet accepted by their socket.
+    let mut backlog: Vec<VecDeque<u64>> = sockets.iter().map(|_| VecDeque::new()).collect();
     let mut rx = RecvBatch::new();
     let mut tally = Tally::new();
     let mut interval = new_histogram();
@@ -109,24 +112,28 @@ pub(crate) fn run_thread(
                     }
                 }
                 Some(schedule) => {
-                    // Open loop: send everything now due, stamped with its
-                    // *intended* time, round-robin over the sockets.
-                    while schedule.peek() <= now && tally.sent < plan.max_requests_per_thread {
+                    // Open loop: everything now due joins its socket's
+                    // backlog (round-robin), stamped with its *intended*
+                    // time; each backlog then goes out in one sendmmsg.
+                    // What the socket does not take stays queued, still
+                    // timed from its intended time.
+                    while schedule.peek() <= now && tally.sent + queued(&backlog) < plan.max_requests_per_thread {
                         let intended = schedule.take();
-                        if now - intended > LATE {
-                            tally.late_sends += 1;
-                        }
-                        let s = rr % sockets.len();
+                        backlog[rr % sockets.len()].push_back(intended);
                         rr += 1;
-                        if net::send_repeated(&sockets[s], &plan.request, 1)? == 1 {
-                            inflight[s].push(intended);
-                            tally.sent += 1;
-                        } else {
-                            // Socket buffer full: the generator is behind.
-                            tally.late_sends += 1;
-                            inflight[s].push(intended);
-                            tally.sent += 1;
+                    }
+                    for (s, socket) in sockets.iter().enumerate() {
+                        if backlog[s].is_empty() {
+                            continue;
                         }
+                        let k = net::send_repeated(socket, &plan.request, backlog[s].len())?;
+                        for intended in backlog[s].drain(..k) {
+                            if now - intended > LATE {
+                                tally.late_sends += 1;
+                            }
+                            inflight[s].push(intended);
+                        }
+                        tally.sent += k as u64;
                     }
                 }
             }
@@ -206,6 +213,10 @@ fn account(
         Verdict::Error(code) => *tally.errors.entry(code.number()).or_default() += 1,
         Verdict::Malformed => tally.malformed += 1,
     }
+}
+
+fn queued(backlog: &[VecDeque<u64>]) -> u64 {
+    backlog.iter().map(|b| b.len() as u64).sum()
 }
 
 fn nanos(start: Instant) -> u64 {
