@@ -204,10 +204,15 @@ impl Drop for Generator {
     ///
     /// If handles are still alive the reserver keeps serving them and exits
     /// (releasing the state file's lock) when the last one is dropped.
+    ///
+    /// A flush in progress is not waited for either: its block was never
+    /// handed out, so leaving it unfinished is as safe as a crash, and a
+    /// stuck disk must not keep a stopping process alive.
     fn drop(&mut self) {
         let (closed, _) = channel::unbounded();
         drop(std::mem::replace(&mut self.requests, closed));
-        if self.shared.live_handles.load(Ordering::Acquire) == 0 {
+        let idle = self.shared.live_handles.load(Ordering::Acquire) == 0 && self.flush_in_progress_for().is_none();
+        if idle {
             if let Some(reserver) = self.reserver.take() {
                 let _ = reserver.join();
             }

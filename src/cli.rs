@@ -57,10 +57,10 @@ pub struct InitArgs {
     #[arg(long, env = "TRADEID_SEQUENTIAL")]
     pub sequential: bool,
     /// Counter width in bits (for tests: small spaces).
-    #[arg(long, default_value_t = Geometry::DEFAULT.width, hide = true)]
+    #[arg(long, default_value_t = Geometry::DEFAULT.width, hide = true, env = "TRADEID_WIDTH")]
     pub width: u32,
     /// log2 of the shard size (for tests: small shards).
-    #[arg(long, default_value_t = Geometry::DEFAULT.shard_bits, hide = true)]
+    #[arg(long, default_value_t = Geometry::DEFAULT.shard_bits, hide = true, env = "TRADEID_SHARD_BITS")]
     pub shard_bits: u32,
 }
 
@@ -71,7 +71,7 @@ pub struct GenArgs {
     #[arg(long = "state", required = true, env = "TRADEID_STATE", value_delimiter = ',')]
     pub state: Vec<PathBuf>,
     /// How many IDs to print.
-    #[arg(short = 'n', long = "count", default_value_t = 1)]
+    #[arg(short = 'n', long = "count", default_value_t = 1, env = "TRADEID_COUNT")]
     pub count: u64,
 }
 
@@ -82,7 +82,7 @@ pub struct InspectArgs {
     #[arg(long, env = "TRADEID_STATE")]
     pub state: PathBuf,
     /// The largest block size the server uses (for the waste bound).
-    #[arg(long, default_value_t = GeneratorConfig::default().block_max)]
+    #[arg(long, default_value_t = GeneratorConfig::default().block_max, env = "TRADEID_BLOCK_MAX")]
     pub block_max: u64,
 }
 

@@ -295,19 +295,19 @@ const RECENT_WINDOW: usize = 1 << 16;
 #[derive(Debug, Args)]
 pub struct GetArgs {
     /// How many IDs to fetch.
-    #[arg(short = 'n', long = "count", default_value_t = 1)]
+    #[arg(short = 'n', long = "count", default_value_t = 1, env = "TRADEID_COUNT")]
     pub count: usize,
     /// A server address (HOST:PORT); repeat for failover.
     #[arg(long = "server", required = true, env = "TRADEID_SERVER", value_delimiter = ',')]
     pub servers: Vec<String>,
     /// Milliseconds to wait for each reply.
-    #[arg(long, default_value_t = 250)]
+    #[arg(long, default_value_t = 250, env = "TRADEID_TIMEOUT_MS")]
     pub timeout_ms: u64,
     /// Attempts per server before failing over.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, env = "TRADEID_ATTEMPTS")]
     pub attempts: u32,
     /// The most IDs per request.
-    #[arg(long, default_value_t = DEFAULT_MAX_BATCH)]
+    #[arg(long, default_value_t = DEFAULT_MAX_BATCH, env = "TRADEID_MAX_BATCH")]
     pub max_batch: u16,
 }
 

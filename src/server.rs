@@ -83,7 +83,7 @@ pub struct ServeArgs {
     #[arg(long, env = "TRADEID_CPU_STEERING")]
     pub cpu_steering: bool,
     /// Validate the configuration and the state file, then exit.
-    #[arg(long)]
+    #[arg(long, env = "TRADEID_CHECK_CONFIG")]
     pub check_config: bool,
     /// Test hook: a file whose existence stalls worker 0 (to prove the
     /// watchdog notices a stuck worker).

@@ -88,13 +88,15 @@ pub fn run(socket: UdpSocket, mut handle: Handle, mut ctx: WorkerContext) -> io:
     let mut rx = RecvBatch::new();
     let mut tx = SendBatch::new(usize::from(ctx.max_batch).max(1) * ID_LEN);
     loop {
-        if ctx.stop.load(Ordering::Acquire) {
-            break;
-        }
         if ctx.stall.load(Ordering::Relaxed) {
-            // Test hook: a stuck worker, whose heartbeat does not advance.
+            // Test hook: a stuck worker. Its heartbeat does not advance and
+            // it does not even notice `stop`, like a thread wedged in a
+            // syscall.
             std::thread::sleep(Duration::from_millis(10));
             continue;
+        }
+        if ctx.stop.load(Ordering::Acquire) {
+            break;
         }
         bump(&ctx.counters.heartbeat, 1);
         serve_batch(&mut ctx, &mut handle, &socket, &mut rx, &mut tx, Wait::ForOne)?;

@@ -118,6 +118,28 @@ fn watchdog_pings_stop_while_a_worker_is_stalled() {
     assert!(daemon.stderr().contains("withholding the watchdog ping"));
 }
 
+#[test]
+fn a_second_signal_exits_at_once_when_shutdown_is_stuck() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &[]);
+    let stall = dir.path().join("stall");
+    let mut daemon =
+        Daemon::start_with(&state, &["--workers", "2"], &[("TRADEID_TEST_STALL_FILE", stall.to_str().unwrap())])
+            .unwrap();
+    // Wedge worker 0 (the control plane polls the file every second).
+    std::fs::write(&stall, "").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    // The first SIGTERM cannot finish: the wedged worker never stops.
+    assert!(daemon.signal_and_wait("TERM", Duration::from_millis(800)).is_none(), "exited with a wedged worker");
+    // The second one exits at once.
+    let started = Instant::now();
+    let status = daemon.signal_and_wait("TERM", Duration::from_secs(2)).expect("exits on the second signal");
+    assert!(started.elapsed() < Duration::from_millis(500), "{:?}", started.elapsed());
+    assert_eq!(status.code(), Some(1));
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(daemon.stderr().contains("second signal, exiting at once"), "{}", daemon.stderr());
+}
+
 fn metric(metrics: &str, name: &str) -> f64 {
     metrics
         .lines()
