@@ -271,11 +271,6 @@ impl Handle {
         }
     }
 
-    /// IDs left in the current block.
-    pub fn remaining_in_block(&self) -> u64 {
-        self.block.end - self.block.next
-    }
-
     /// The hot path: permute and encode counters from the current block.
     #[inline]
     fn take(&mut self, out: &mut [u8]) -> usize {

@@ -615,20 +615,9 @@ impl Store {
         })
     }
 
-    /// Shards of this node that are partly used (in use or left by a restart).
-    pub fn partly_used_shards(&self) -> usize {
-        let g = self.header.geometry;
-        g.node_shards().filter(|&s| (1..g.shard_size()).contains(&self.mark(s))).count()
-    }
-
     /// The validated header.
     pub fn header(&self) -> &Header {
         &self.header
-    }
-
-    /// The paths of the file and its mirrors.
-    pub fn paths(&self) -> impl Iterator<Item = &Path> {
-        self.mirrors.iter().map(|m| m.path.as_path())
     }
 
     /// The persisted mark of `shard`.
