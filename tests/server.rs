@@ -275,6 +275,41 @@ fn a_full_space_answers_507_and_never_wraps() {
 }
 
 #[test]
+fn serves_over_ipv6_with_the_same_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &[]);
+    let mut seen = HashSet::new();
+    // ::1 is trusted by default; with only IPv4 loopback trusted, the 3x
+    // rule applies to it (a bare request gets 3 IDs).
+    for (trust, expected_for_175) in [(None, 175usize), (Some("127.0.0.0/8"), 3)] {
+        let mut cmd = tradeid();
+        cmd.args(["serve", "--state", state.to_str().unwrap(), "--listen", "[::1]:0", "--workers", "2"]);
+        if let Some(trust) = trust {
+            cmd.args(["--trust", trust]);
+        }
+        cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null());
+        let mut child = cmd.spawn().unwrap();
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let addr: std::net::SocketAddr = line.trim().strip_prefix("listening on ").unwrap().parse().unwrap();
+        assert!(addr.is_ipv6(), "{addr}");
+        for (count, expected) in [(1u16, 1usize), (175, expected_for_175)] {
+            let socket = std::net::UdpSocket::bind("[::1]:0").unwrap();
+            socket.set_read_timeout(Some(SHORT)).unwrap();
+            socket.send_to(&request(count), addr).unwrap();
+            let mut buf = [0u8; 2048];
+            let (n, from) = socket.recv_from(&mut buf).unwrap();
+            assert_eq!(from, addr);
+            assert_eq!(n, 7 * expected, "trust {trust:?}, count {count}");
+            insert_unique(&mut seen, ids_of(&buf[..n]));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+#[test]
 fn tradeid_get_fetches_with_failover() {
     let dir = tempfile::tempdir().unwrap();
     let state = init_state(dir.path(), "s", &[]);
