@@ -44,8 +44,10 @@ async fn control(server: Server) -> anyhow::Result<()> {
     let watchdog = watchdog_interval();
     notifier.send(&format!("READY=1\nSTATUS={}", observer.status_line()));
 
-    let tick_every = watchdog.map_or(Duration::from_secs(1), |w| (w / 2).min(Duration::from_secs(1)));
-    let mut tick = tokio::time::interval(tick_every);
+    // Housekeeping once a second; watchdog pings at exactly half the
+    // interval systemd asked for (a far-future timer when there is none).
+    let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+    let mut ping = tokio::time::interval(watchdog.map_or(Duration::from_secs(86_400), |w| w / 2));
     let mut beats = observer.heartbeats();
     let mut capacity = CapacityAlarm::default();
     let mut last_status = Instant::now();
@@ -54,15 +56,9 @@ async fn control(server: Server) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => break Ok("SIGTERM"),
             _ = int.recv() => break Ok("SIGINT"),
-            _ = tick.tick() => {
-                if server.worker_died() {
-                    break Err(anyhow::anyhow!("a worker thread stopped unexpectedly"));
-                }
-                if let Some(path) = &server.config.test_stall_file {
-                    server.stall.store(path.exists(), Ordering::Relaxed);
-                }
+            _ = ping.tick(), if watchdog.is_some() => {
                 // Ping only if every worker's heartbeat moved since the last
-                // tick and no flush is stuck: a stuck worker or disk stops
+                // ping and no flush is stuck: a stuck worker or disk stops
                 // the pings, and systemd restarts the service.
                 let now = observer.heartbeats();
                 let all_alive = now.iter().zip(&beats).all(|(n, b)| n != b);
@@ -71,12 +67,18 @@ async fn control(server: Server) -> anyhow::Result<()> {
                     (Some(running), Some(w)) => running > w / 2,
                     _ => false,
                 };
-                if watchdog.is_some() {
-                    if all_alive && !flush_stuck {
-                        notifier.send("WATCHDOG=1");
-                    } else {
-                        tracing::warn!(all_alive, flush_stuck, "withholding the watchdog ping");
-                    }
+                if all_alive && !flush_stuck && !server.worker_died() {
+                    notifier.send("WATCHDOG=1");
+                } else {
+                    tracing::warn!(all_alive, flush_stuck, "withholding the watchdog ping");
+                }
+            }
+            _ = housekeeping.tick() => {
+                if server.worker_died() {
+                    break Err(anyhow::anyhow!("a worker thread stopped unexpectedly"));
+                }
+                if let Some(path) = &server.config.test_stall_file {
+                    server.stall.store(path.exists(), Ordering::Relaxed);
                 }
                 capacity.check(observer.used_fraction());
                 if last_status.elapsed() >= Duration::from_secs(5) {
@@ -133,7 +135,7 @@ impl CapacityAlarm {
 }
 
 /// The watchdog interval systemd asked for, if it is meant for this process.
-fn watchdog_interval() -> Option<Duration> {
+pub fn watchdog_interval() -> Option<Duration> {
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
     if let Ok(pid) = std::env::var("WATCHDOG_PID") {
         if pid.parse::<u32>().ok() != Some(std::process::id()) {

@@ -194,7 +194,11 @@ impl ServeConfig {
             sockets: SocketOptions {
                 recv_buffer: args.recv_buffer,
                 send_buffer: args.send_buffer,
-                read_timeout: Duration::from_millis(100),
+                // Workers beat at least once per receive timeout; keep that
+                // well inside half a watchdog interval so an idle, healthy
+                // worker never looks stuck.
+                read_timeout: crate::control::watchdog_interval()
+                    .map_or(WORKER_WAKE, |w| (w / 4).clamp(Duration::from_millis(1), WORKER_WAKE)),
             },
             generator: GeneratorConfig {
                 block_max: args.block_max,
@@ -450,6 +454,10 @@ fn check_config(config: &ServeConfig) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// The longest a worker blocks in a receive before it looks around (stop
+/// flag, heartbeat).
+const WORKER_WAKE: Duration = Duration::from_millis(100);
 
 /// Buckets per worker in the rate limiter's table (bounded memory).
 const RATE_TABLE_SIZE: usize = 16_384;

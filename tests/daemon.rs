@@ -119,6 +119,25 @@ fn watchdog_pings_stop_while_a_worker_is_stalled() {
 }
 
 #[test]
+fn an_idle_server_keeps_a_short_watchdog_fed() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &[]);
+    let notify = NotifySocket::new();
+    // 100 ms: pings every 50 ms, while no traffic wakes the workers.
+    let _daemon = Daemon::start_with(
+        &state,
+        &["--workers", "2"],
+        &[("NOTIFY_SOCKET", notify.path.to_str().unwrap()), ("WATCHDOG_USEC", "100000")],
+    )
+    .unwrap();
+    let messages = notify.collect(Duration::from_millis(1500));
+    let pings = messages.iter().filter(|m| *m == "WATCHDOG=1").count();
+    // 30 expected; leave room for a loaded machine, but a healthy idle
+    // worker must never look stuck for long.
+    assert!(pings >= 15, "{pings} pings in 1.5 s: {messages:?}");
+}
+
+#[test]
 fn a_second_signal_exits_at_once_when_shutdown_is_stuck() {
     let dir = tempfile::tempdir().unwrap();
     let state = init_state(dir.path(), "s", &[]);
