@@ -88,8 +88,9 @@ fn rate_limits_drop_floods_per_prefix() {
 /// its prefetch succeed), hammers it until it dies, and checks that every
 /// ID received lies in the two flushed blocks and that a restart resumes
 /// above them.
-fn check_failed_flush(mut child: std::process::Child, state: &std::path::Path) {
+fn check_failed_flush(mut command: std::process::Command, state: &std::path::Path) {
     use std::io::BufRead;
+    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let addr: SocketAddr = line.trim().strip_prefix("listening on ").expect("listening line").parse().unwrap();
@@ -143,14 +144,9 @@ fn a_failed_flush_aborts_before_any_id_of_its_block_is_sent() {
     let dir = tempfile::tempdir().unwrap();
     // Sequential IDs make the blocks visible: block k is 1024k..1024(k+1).
     let state = init_state(dir.path(), "s", &["--sequential"]);
-    let child = tradeid()
-        .args(serve_args(&state))
-        .env("TRADEID_TEST_FAIL_FLUSH_AFTER", "2")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    check_failed_flush(child, &state);
+    let mut command = tradeid();
+    command.args(serve_args(&state)).env("TRADEID_TEST_FAIL_FLUSH_AFTER", "2");
+    check_failed_flush(command, &state);
 }
 
 #[test]
@@ -161,21 +157,19 @@ fn a_real_msync_eio_from_strace_aborts_the_same_way() {
     }
     let dir = tempfile::tempdir().unwrap();
     let state = init_state(dir.path(), "s", &["--sequential"]);
-    // The real syscall fails: msync calls 1 and 2 succeed, 3 on get EIO.
-    let child = std::process::Command::new("strace")
+    // The real syscall fails: msync calls 1 and 2 succeed, every later one
+    // returns EIO.
+    let mut command = std::process::Command::new("strace");
+    command
         .args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=msync", "-e", "inject=msync:error=EIO:when=3+", "--"])
         .arg(env!("CARGO_BIN_EXE_tradeid"))
-        .args(serve_args(&state))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    check_failed_flush(child, &state);
+        .args(serve_args(&state));
+    check_failed_flush(command, &state);
 }
 
 #[test]
 fn init_on_a_full_disk_fails_cleanly_and_leaves_nothing() {
-    if unsafe_is_not_root() {
+    if not_root() {
         eprintln!("needs root to mount a tmpfs; CI runs as root");
         return;
     }
@@ -198,8 +192,8 @@ fn init_on_a_full_disk_fails_cleanly_and_leaves_nothing() {
     assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
 }
 
-fn unsafe_is_not_root() -> bool {
-    // /proc/self/status "Uid:" real uid; no libc call needed.
+fn not_root() -> bool {
+    // The real uid from /proc/self/status.
     std::fs::read_to_string("/proc/self/status")
         .unwrap()
         .lines()
