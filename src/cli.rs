@@ -193,7 +193,7 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     }
     println!(
         "waste/restart  at most {} IDs per worker (2 blocks of --block-max {})",
-        2 * args.block_max,
+        crate::alloc::max_waste_per_restart(args.block_max, 1),
         args.block_max
     );
     if !snap.fell_back.is_empty() {

@@ -13,7 +13,7 @@ use anyhow::Context;
 use clap::Args;
 use crossbeam::utils::CachePadded;
 
-use crate::alloc::{Generator, GeneratorConfig};
+use crate::alloc::{max_waste_per_restart, Generator, GeneratorConfig};
 use crate::net::{self, SocketOptions};
 use crate::policy::{self, Cidr, RateLimiter, SourcePolicy};
 use crate::protocol::{DEFAULT_MAX_BATCH, MAX_BATCH_LIMIT};
@@ -216,6 +216,15 @@ impl ServeConfig {
     }
 }
 
+impl ServeConfig {
+    /// The most IDs one restart can skip: two blocks per handle, one handle
+    /// per worker plus the admin listener's (if it is on).
+    pub fn max_waste_per_restart(&self) -> u64 {
+        let handles = self.worker_cpus.len() + usize::from(self.admin.is_some());
+        max_waste_per_restart(self.generator.block_max, handles)
+    }
+}
+
 /// Parses "0,2,4-7" into CPU numbers.
 fn parse_cpu_list(list: &str) -> Result<Vec<usize>, ConfigError> {
     let bad = || ConfigError(format!("--cpus {list:?} is not a CPU list; use a form like \"0,1\" or \"0-3\""));
@@ -406,7 +415,7 @@ fn log_state(store: &Store, config: &ServeConfig) {
         used,
         remaining = capacity - used,
         block_max = config.generator.block_max,
-        waste_per_restart = 2 * config.generator.block_max * config.worker_cpus.len() as u64,
+        waste_per_restart = config.max_waste_per_restart(),
         "state opened"
     );
 }
@@ -427,18 +436,8 @@ fn check_config(config: &ServeConfig) -> anyhow::Result<()> {
     for path in &config.state {
         match state::Snapshot::read(path) {
             Ok(snap) => {
-                let g = snap.header.geometry;
                 if let Some((node, nodes)) = config.partition {
-                    if (g.node, g.nodes) != (node, nodes) {
-                        return Err(StateError::PartitionMismatch {
-                            path: path.clone(),
-                            file_node: g.node,
-                            file_nodes: g.nodes,
-                            node,
-                            nodes,
-                        }
-                        .into());
-                    }
+                    snap.header.check_partition(path, node, nodes)?;
                 }
             }
             Err(StateError::NotFound { .. }) if config.create => {}

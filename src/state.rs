@@ -149,6 +149,22 @@ impl Header {
         }
     }
 
+    /// Refuses a request to serve node `node` of `nodes` from the file at
+    /// `path` (named in the error) if the header records another partition.
+    pub fn check_partition(&self, path: &Path, node: u32, nodes: u32) -> Result<(), StateError> {
+        let g = self.geometry;
+        if (g.node, g.nodes) == (node, nodes) {
+            return Ok(());
+        }
+        Err(StateError::PartitionMismatch {
+            path: path.to_owned(),
+            file_node: g.node,
+            file_nodes: g.nodes,
+            node,
+            nodes,
+        })
+    }
+
     /// Serialises the header page, checksum included.
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let g = &self.geometry;
@@ -602,17 +618,7 @@ impl Store {
 
     /// Refuses to go on if the caller expects another node partition.
     pub fn check_partition(&self, node: u32, nodes: u32) -> Result<(), StateError> {
-        let g = self.header.geometry;
-        if (g.node, g.nodes) == (node, nodes) {
-            return Ok(());
-        }
-        Err(StateError::PartitionMismatch {
-            path: self.mirrors[0].path.clone(),
-            file_node: g.node,
-            file_nodes: g.nodes,
-            node,
-            nodes,
-        })
+        self.header.check_partition(&self.mirrors[0].path, node, nodes)
     }
 
     /// The validated header.

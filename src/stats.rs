@@ -21,10 +21,8 @@ pub struct Observer {
     counters: Vec<Arc<CachePadded<Counters>>>,
     /// Largest batch, for `/ids`.
     pub max_batch: u16,
-    /// Worker count, for the waste bound.
-    pub workers: usize,
-    /// Block size bound, for the waste bound.
-    pub block_max: u64,
+    /// The most IDs one restart can skip.
+    pub max_waste_per_restart: u64,
     started: Instant,
     /// Cleared when shutting down, for `/readyz`.
     pub ready: AtomicBool,
@@ -50,8 +48,7 @@ impl Observer {
             generator: Arc::clone(&server.generator),
             counters: server.counters.clone(),
             max_batch: server.config.max_batch,
-            workers: server.counters.len(),
-            block_max: server.config.generator.block_max,
+            max_waste_per_restart: server.config.max_waste_per_restart(),
             started: Instant::now(),
             ready: AtomicBool::new(true),
             rate: Mutex::new(RateSample { at: Instant::now(), used, ids_per_second: 0.0 }),
@@ -221,7 +218,7 @@ impl Observer {
             "tradeid_waste_per_restart_max",
             "gauge",
             "Upper bound of IDs skipped by one restart.",
-            (2 * self.block_max * (self.workers as u64 + 1)).to_string(),
+            self.max_waste_per_restart.to_string(),
         );
         simple(
             &mut out,
