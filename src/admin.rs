@@ -188,10 +188,7 @@ pub fn openapi(max_batch: u16) -> String {
             String::new()
         };
         let errors = match path {
-            "/ids" => {
-                r#","400":{"description":"bad query string"},"503":{"description":"no block ready"},"507":{"description":"exhausted"}"#
-            }
-            "/id" => {
+            "/id" | "/ids" => {
                 r#","400":{"description":"bad query string"},"503":{"description":"no block ready"},"507":{"description":"exhausted"}"#
             }
             "/readyz" => r#","503":{"description":"not ready"}"#,

@@ -240,9 +240,13 @@ pub struct Handle {
 impl Handle {
     /// The next ID, waiting for a block if none is ready.
     pub fn next_id(&mut self) -> Result<Id, GenError> {
-        let mut out = [0u8; ID_LEN];
-        self.fill(&mut out)?;
-        Ok(Id::from_wire(&out).expect("encode_into writes a canonical ID"))
+        while self.block.next == self.block.end {
+            self.advance(true)?;
+        }
+        let value = self.perm.apply(self.block.next);
+        self.block.next += 1;
+        // The permutation maps `width`-bit counters to `width`-bit values.
+        Ok(Id::from_value(value).expect("width <= 35 bits"))
     }
 
     /// Fills `out` (a multiple of 7 bytes) with IDs, waiting for blocks as

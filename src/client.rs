@@ -98,17 +98,8 @@ impl Client {
         if config.servers.is_empty() {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "no server address given"));
         }
-        let sockets = config
-            .servers
-            .iter()
-            .map(|server| {
-                let local: SocketAddr = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal");
-                let socket = UdpSocket::bind(local)?;
-                socket.connect(server)?;
-                Ok(socket)
-            })
-            .collect::<io::Result<Vec<_>>>()?;
-        let max_batch = usize::from(config.max_batch.max(1));
+        let sockets =
+            config.servers.iter().map(|&server| crate::net::connect_udp(server)).collect::<io::Result<Vec<_>>>()?;
         Ok(Client {
             exhausted: vec![false; sockets.len()],
             sockets,
@@ -116,7 +107,7 @@ impl Client {
             recent: RecentIds::new(RECENT_WINDOW),
             spare: VecDeque::new(),
             recv_buf: vec![0u8; 65536],
-            send_buf: vec![0u8; protocol::padded_len(max_batch as u16)],
+            send_buf: vec![0u8; protocol::padded_len(config.max_batch.max(1))],
             config,
         })
     }

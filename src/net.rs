@@ -72,6 +72,18 @@ fn bind_one(addr: SocketAddr, options: &SocketOptions) -> io::Result<(UdpSocket,
     Ok((socket.into(), granted))
 }
 
+/// An ephemeral socket of `target`'s address family, connected to it (so
+/// the kernel drops datagrams from any other source).
+pub fn connect_udp(target: SocketAddr) -> io::Result<UdpSocket> {
+    let any: SocketAddr = match target {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = UdpSocket::bind(any)?;
+    socket.connect(target)?;
+    Ok(socket)
+}
+
 /// Steers each datagram to the socket whose index equals the CPU it arrived
 /// on, modulo the group size (`SO_ATTACH_REUSEPORT_CBPF`, "ld cpu; mod n").
 /// Set on any one socket of the group; applies to the whole group.

@@ -2,7 +2,7 @@
 //! networks exempt from the anti-amplification rule, and per-prefix rate
 //! limiting. Pure decisions over addresses; no I/O.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::time::Instant;
 
@@ -15,9 +15,9 @@ pub struct Cidr {
 
 impl Cidr {
     /// Whether `ip` is inside this network. IPv4-mapped IPv6 addresses
-    /// (`::ffff:a.b.c.d`) match IPv4 networks.
+    /// (`::ffff:a.b.c.d`) match IPv4 networks (`IpAddr::to_canonical`).
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.network, canonical(ip)) {
+        match (self.network, ip.to_canonical()) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
                 prefix_eq(u128::from(u32::from(net)) << 96, u128::from(u32::from(ip)) << 96, self.prefix)
             }
@@ -29,14 +29,6 @@ impl Cidr {
 
 fn prefix_eq(a: u128, b: u128, prefix: u8) -> bool {
     prefix == 0 || (a ^ b) >> (128 - u32::from(prefix)) == 0
-}
-
-/// Maps IPv4-mapped IPv6 addresses to IPv4.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
 }
 
 impl FromStr for Cidr {
@@ -91,9 +83,9 @@ pub fn valid_source(src: SocketAddr) -> bool {
     if src.port() == 0 {
         return false;
     }
-    match canonical(src.ip()) {
-        IpAddr::V4(ip) => !(ip.is_broadcast() || ip.is_multicast() || ip.is_unspecified() || ip == Ipv4Addr::BROADCAST),
-        IpAddr::V6(ip) => !(ip.is_multicast() || ip.is_unspecified() || ip == Ipv6Addr::UNSPECIFIED),
+    match src.ip().to_canonical() {
+        IpAddr::V4(ip) => !(ip.is_broadcast() || ip.is_multicast() || ip.is_unspecified()),
+        IpAddr::V6(ip) => !(ip.is_multicast() || ip.is_unspecified()),
     }
 }
 
@@ -187,7 +179,7 @@ impl RateLimiter {
 
 /// The rate-limit key: the /24 of an IPv4 address or the /56 of an IPv6 one.
 fn prefix_key(ip: IpAddr) -> u64 {
-    match canonical(ip) {
+    match ip.to_canonical() {
         IpAddr::V4(v4) => u64::from(u32::from(v4) >> 8) | 1 << 63,
         IpAddr::V6(v6) => (u128::from(v6) >> 72) as u64 & !(1 << 63),
     }
@@ -203,6 +195,7 @@ fn mix64(mut x: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()

@@ -74,6 +74,11 @@ impl DropReason {
         DropReason::RateLimited,
     ];
 
+    /// Position in [`DropReason::ALL`] (declaration order), for counters.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The metrics label.
     pub fn label(self) -> &'static str {
         match self {
@@ -95,6 +100,11 @@ impl ErrorCode {
         ErrorCode::BadVersion,
         ErrorCode::Exhausted,
     ];
+
+    /// Position in [`ErrorCode::ALL`] (declaration order), for counters.
+    pub fn index(self) -> usize {
+        self as usize
+    }
 
     /// The numeric code.
     pub fn number(self) -> u16 {
@@ -199,6 +209,16 @@ mod tests {
         assert_eq!(decode(b"ID\x01\x07\x00\x01\x00\x00", 175), Decision::Error(ErrorCode::UnknownOpcode));
         // Reserved bytes and padding are ignored.
         assert_eq!(decode(b"ID\x01\x01\x00\x02\xff\xffpadding", 175), Decision::Next { count: 2 });
+    }
+
+    #[test]
+    fn counter_indices_follow_the_all_lists() {
+        for (i, code) in ErrorCode::ALL.into_iter().enumerate() {
+            assert_eq!(code.index(), i);
+        }
+        for (i, reason) in DropReason::ALL.into_iter().enumerate() {
+            assert_eq!(reason.index(), i);
+        }
     }
 
     #[test]

@@ -32,16 +32,16 @@ pub struct Counters {
     pub ids: AtomicU64,
     /// Replies cut short by the anti-amplification rule.
     pub amplification_limited: AtomicU64,
-    /// Error replies, indexed like [`ErrorCode::ALL`].
-    pub errors: [AtomicU64; 5],
-    /// Dropped datagrams, indexed like [`DropReason::ALL`].
-    pub drops: [AtomicU64; 5],
+    /// Error replies, indexed by [`ErrorCode::index`].
+    pub errors: [AtomicU64; ErrorCode::ALL.len()],
+    /// Dropped datagrams, indexed by [`DropReason::index`].
+    pub drops: [AtomicU64; DropReason::ALL.len()],
     /// Replies the kernel refused.
     pub send_failures: AtomicU64,
     /// Receive calls that failed (non-fatally).
     pub recv_failures: AtomicU64,
     /// Requests by IDs asked for, bucketed by [`BATCH_BUCKETS`].
-    pub batch_sizes: [AtomicU64; 7],
+    pub batch_sizes: [AtomicU64; BATCH_BUCKETS.len()],
     /// Advances every loop iteration (at least every read timeout).
     pub heartbeat: AtomicU64,
 }
@@ -69,8 +69,9 @@ pub struct WorkerContext {
     pub policy: Arc<SourcePolicy>,
     /// Per-prefix limiter, if `--rate-limit` is set.
     pub rate_limiter: Option<RateLimiter>,
-    /// Test hook: while set, the worker sleeps instead of serving, so its
-    /// heartbeat stops (used to prove the watchdog notices).
+    /// Test hook: while set, the worker is wedged: it sleeps instead of
+    /// serving and ignores `stop`, so its heartbeat stops (used to prove the
+    /// watchdog and the second signal notice).
     pub stall: Arc<AtomicBool>,
 }
 
@@ -147,17 +148,17 @@ fn answer(ctx: &mut WorkerContext, handle: &mut Handle, rx: &RecvBatch, tx: &mut
     bump(&counters.datagrams, n as u64);
     for i in 0..n {
         let Some(src) = rx.source(i).filter(|s| policy::valid_source(*s)) else {
-            bump(&counters.drops[drop_index(DropReason::BadSource)], 1);
+            bump(&counters.drops[DropReason::BadSource.index()], 1);
             continue;
         };
         let ip = src.ip();
         if !ctx.policy.allowed(ip) {
-            bump(&counters.drops[drop_index(DropReason::NotAllowed)], 1);
+            bump(&counters.drops[DropReason::NotAllowed.index()], 1);
             continue;
         }
         if let Some(limiter) = ctx.rate_limiter.as_mut() {
             if !limiter.allow(ip) {
-                bump(&counters.drops[drop_index(DropReason::RateLimited)], 1);
+                bump(&counters.drops[DropReason::RateLimited.index()], 1);
                 continue;
             }
         }
@@ -168,11 +169,13 @@ fn answer(ctx: &mut WorkerContext, handle: &mut Handle, rx: &RecvBatch, tx: &mut
                 continue;
             }
             Decision::Drop(reason) => {
-                bump(&counters.drops[drop_index(reason)], 1);
+                bump(&counters.drops[reason.index()], 1);
                 continue;
             }
         };
-        bump(&counters.batch_sizes[BATCH_BUCKETS.iter().position(|&b| count <= b).unwrap_or(6)], 1);
+        // The last bucket is u16::MAX, so a bucket is always found.
+        let bucket = BATCH_BUCKETS.iter().position(|&b| count <= b).unwrap_or(BATCH_BUCKETS.len() - 1);
+        bump(&counters.batch_sizes[bucket], 1);
         let mut allowed = usize::from(count);
         if !ctx.policy.trusted(ip) {
             let limit = protocol::amplification_limit(rx.wire_len(i));
@@ -203,9 +206,5 @@ fn answer(ctx: &mut WorkerContext, handle: &mut Handle, rx: &RecvBatch, tx: &mut
 fn reply_error(counters: &Counters, tx: &mut SendBatch, code: ErrorCode, source: usize) {
     tx.next_buffer()[..protocol::ERROR_LEN].copy_from_slice(&code.reply());
     tx.queue(protocol::ERROR_LEN, source);
-    bump(&counters.errors[ErrorCode::ALL.iter().position(|&c| c == code).unwrap_or(0)], 1);
-}
-
-fn drop_index(reason: DropReason) -> usize {
-    DropReason::ALL.iter().position(|&r| r == reason).unwrap_or(0)
+    bump(&counters.errors[code.index()], 1);
 }

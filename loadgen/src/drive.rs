@@ -56,11 +56,9 @@ pub(crate) fn run_thread(
     if let Some(&cpu) = plan.cpus.get(index % plan.cpus.len().max(1)) {
         net::pin_current_thread(cpu);
     }
-    let local: SocketAddr = if plan.target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal");
     let sockets: Vec<UdpSocket> = (0..plan.sockets_per_thread[index])
         .map(|_| {
-            let s = UdpSocket::bind(local)?;
-            s.connect(plan.target)?;
+            let s = net::connect_udp(plan.target)?;
             s.set_nonblocking(true)?;
             Ok(s)
         })
