@@ -89,6 +89,8 @@ async fn control(server: Server) -> anyhow::Result<()> {
             }
         }
     };
+    // From here on the server is stopping: /readyz says so.
+    observer.ready.store(false, Ordering::Relaxed);
     let signal_name = match outcome {
         Ok(name) => name,
         Err(e) => {

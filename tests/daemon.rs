@@ -142,14 +142,21 @@ fn a_second_signal_exits_at_once_when_shutdown_is_stuck() {
     let dir = tempfile::tempdir().unwrap();
     let state = init_state(dir.path(), "s", &[]);
     let stall = dir.path().join("stall");
-    let mut daemon =
-        Daemon::start_with(&state, &["--workers", "2"], &[("TRADEID_TEST_STALL_FILE", stall.to_str().unwrap())])
-            .unwrap();
+    let mut daemon = Daemon::start_with(
+        &state,
+        &["--workers", "2", "--admin", "127.0.0.1:0"],
+        &[("TRADEID_TEST_STALL_FILE", stall.to_str().unwrap())],
+    )
+    .unwrap();
+    assert_eq!(daemon.http_get("/readyz"), (200, "ready\n".into()));
     // Wedge worker 0 (the control plane polls the file every second).
     std::fs::write(&stall, "").unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     // The first SIGTERM cannot finish: the wedged worker never stops.
     assert!(daemon.signal_and_wait("TERM", Duration::from_millis(800)).is_none(), "exited with a wedged worker");
+    // While it is stopping, it is alive but no longer ready.
+    assert_eq!(daemon.http_get("/readyz"), (503, "not ready\n".into()));
+    assert_eq!(daemon.http_get("/healthz").0, 200);
     // The second one exits at once.
     let started = Instant::now();
     let status = daemon.signal_and_wait("TERM", Duration::from_secs(2)).expect("exits on the second signal");
