@@ -52,37 +52,24 @@ fn ready_is_sent_only_once_the_server_answers() {
     // A slow disk: every flush takes 400 ms, so the first blocks (one per
     // worker) are not ready until well after the process starts.
     let started = Instant::now();
-    let mut child = tradeid()
-        .args(["serve", "--state", state.to_str().unwrap(), "--listen", "127.0.0.1:0", "--workers", "2"])
-        .env("NOTIFY_SOCKET", &notify.path)
-        .env("TRADEID_TEST_FLUSH_DELAY_MS", "400")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    // Returns at the "listening on" line, printed just before READY.
+    let mut daemon = Daemon::start_with(
+        &state,
+        &["--workers", "2"],
+        &[("NOTIFY_SOCKET", notify.path.to_str().unwrap()), ("TRADEID_TEST_FLUSH_DELAY_MS", "400")],
+    )
+    .unwrap();
     let ready = notify.recv(Duration::from_secs(20)).expect("a notification");
     let waited = started.elapsed();
     assert!(ready.starts_with("READY=1\nSTATUS="), "{ready:?}");
     assert!(waited >= Duration::from_millis(800), "READY after {waited:?}, before both first blocks were flushed");
-    // The address is printed before READY; the server must answer at once.
-    use std::io::BufRead;
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("listening on ").unwrap().parse().unwrap();
-    let reply = exchange(addr, &request(1), Duration::from_millis(200)).expect("answers right after READY");
+    // The server must answer at once.
+    let reply = exchange(daemon.addr, &request(1), Duration::from_millis(200)).expect("answers right after READY");
     ids_of(&reply);
-    Command::kill_term(&mut child);
+    let status = daemon.signal_and_wait("TERM", Duration::from_secs(5)).expect("exits");
     let messages = notify.collect(Duration::from_secs(3));
     assert!(messages.iter().any(|m| m == "STOPPING=1"), "{messages:?}");
-    assert!(wait_timeout(&mut child, Duration::from_secs(5)).unwrap().success());
-}
-
-/// Sends SIGTERM to a child.
-struct Command;
-impl Command {
-    fn kill_term(child: &mut std::process::Child) {
-        std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    }
+    assert!(status.success());
 }
 
 #[test]
@@ -162,8 +149,8 @@ fn a_second_signal_exits_at_once_when_shutdown_is_stuck() {
     let status = daemon.signal_and_wait("TERM", Duration::from_secs(2)).expect("exits on the second signal");
     assert!(started.elapsed() < Duration::from_millis(500), "{:?}", started.elapsed());
     assert_eq!(status.code(), Some(1));
-    std::thread::sleep(Duration::from_millis(50));
-    assert!(daemon.stderr().contains("second signal, exiting at once"), "{}", daemon.stderr());
+    let stderr = daemon.stderr_after_exit();
+    assert!(stderr.contains("second signal, exiting at once"), "{stderr}");
 }
 
 fn metric(metrics: &str, name: &str) -> f64 {
@@ -277,8 +264,7 @@ fn logs_are_journald_friendly_under_systemd() {
     let state = init_state(dir.path(), "s", &[]);
     let mut daemon = Daemon::start_with(&state, &["--workers", "1"], &[("JOURNAL_STREAM", "8:1234")]).unwrap();
     daemon.signal_and_wait("TERM", Duration::from_secs(5)).unwrap();
-    std::thread::sleep(Duration::from_millis(50));
-    let log = daemon.stderr();
+    let log = daemon.stderr_after_exit();
     let first = log.lines().next().unwrap();
     assert!(first.starts_with("<6>state opened"), "{first}");
     assert!(first.contains("remaining=") && first.contains("shards=8192"), "{first}");

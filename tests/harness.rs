@@ -38,6 +38,7 @@ pub struct Daemon {
     pub addr: SocketAddr,
     pub admin: Option<SocketAddr>,
     pub stderr: Arc<Mutex<String>>,
+    stderr_reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Daemon {
@@ -55,12 +56,18 @@ impl Daemon {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        Daemon::spawn(cmd)
+    }
+
+    /// Runs `cmd` (a `tradeid serve`, possibly under a wrapper such as
+    /// strace), collects its stderr, and waits for its "listening on" line.
+    pub fn spawn(mut cmd: Command) -> Result<Daemon, String> {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
         let mut child = cmd.spawn().map_err(|e| e.to_string())?;
         let stdout = child.stdout.take().unwrap();
         let stderr_pipe = child.stderr.take().unwrap();
         let stderr = Arc::new(Mutex::new(String::new()));
-        {
+        let stderr_reader = {
             let stderr = Arc::clone(&stderr);
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr_pipe).lines().map_while(Result::ok) {
@@ -68,8 +75,8 @@ impl Daemon {
                     s.push_str(&line);
                     s.push('\n');
                 }
-            });
-        }
+            })
+        };
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -78,25 +85,25 @@ impl Daemon {
                 }
             }
         });
+        let mut daemon =
+            Daemon { child, addr: ([0, 0, 0, 0], 0).into(), admin: None, stderr, stderr_reader: Some(stderr_reader) };
         let deadline = Instant::now() + Duration::from_secs(30);
-        let mut admin = None;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
                     if let Some(a) = line.strip_prefix("admin listening on ") {
-                        admin = Some(a.parse().unwrap());
+                        daemon.admin = Some(a.parse().unwrap());
                     }
                     if let Some(a) = line.strip_prefix("listening on ") {
-                        let addr = a.parse().unwrap();
-                        return Ok(Daemon { child, addr, admin, stderr });
+                        daemon.addr = a.parse().unwrap();
+                        return Ok(daemon);
                     }
                 }
                 Err(_) => {
-                    let _ = child.kill();
-                    let status = child.wait().ok();
-                    std::thread::sleep(Duration::from_millis(50));
-                    return Err(format!("daemon did not start (status {status:?}):\n{}", stderr.lock().unwrap()));
+                    daemon.kill9();
+                    let status = daemon.child.try_wait().ok().flatten();
+                    return Err(format!("daemon did not start (status {status:?}):\n{}", daemon.stderr_after_exit()));
                 }
             }
         }
@@ -122,6 +129,16 @@ impl Daemon {
     /// Everything written to stderr so far.
     pub fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
+    }
+
+    /// All of stderr, once the process has exited (waits for the reader to
+    /// reach end of file, so nothing is missed).
+    pub fn stderr_after_exit(&mut self) -> String {
+        assert!(self.child.try_wait().unwrap().is_some(), "the process is still running");
+        if let Some(reader) = self.stderr_reader.take() {
+            reader.join().unwrap();
+        }
+        self.stderr()
     }
 
     /// GET a path on the admin listener: (status, body).

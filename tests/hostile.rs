@@ -4,7 +4,6 @@
 
 use std::collections::HashSet;
 use std::net::{SocketAddr, UdpSocket};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -88,14 +87,10 @@ fn rate_limits_drop_floods_per_prefix() {
 /// its prefetch succeed), hammers it until it dies, and checks that every
 /// ID received lies in the two flushed blocks and that a restart resumes
 /// above them.
-fn check_failed_flush(mut command: std::process::Command, state: &std::path::Path) {
-    use std::io::BufRead;
-    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr: SocketAddr = line.trim().strip_prefix("listening on ").expect("listening line").parse().unwrap();
+fn check_failed_flush(command: std::process::Command, state: &std::path::Path) {
+    let mut daemon = Daemon::spawn(command).unwrap();
     let mut received = Vec::new();
-    let socket = client_socket(addr, Duration::from_millis(100));
+    let socket = client_socket(daemon.addr, Duration::from_millis(100));
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if socket.send(&request(100)).is_err() {
@@ -106,16 +101,15 @@ fn check_failed_flush(mut command: std::process::Command, state: &std::path::Pat
             Ok(n) if &buf[..4] != b"!ERR" => received.extend(ids_of(&buf[..n])),
             Ok(_) => {}
             Err(_) => {
-                if child.try_wait().unwrap().is_some() {
+                if daemon.child.try_wait().unwrap().is_some() {
                     break;
                 }
             }
         }
     }
-    let status = wait_timeout(&mut child, Duration::from_secs(5)).expect("the server died");
+    let status = daemon.wait(Duration::from_secs(5)).expect("the server died");
     assert!(!status.success(), "{status:?}");
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let stderr = daemon.stderr_after_exit();
     assert!(stderr.contains("flushing state file") && stderr.contains("aborting"), "{stderr}");
     // Sequential IDs are counters: blocks 0..1024 and 1024..2048 were
     // flushed; the third block's flush failed.

@@ -287,12 +287,8 @@ fn serves_over_ipv6_with_the_same_rules() {
         if let Some(trust) = trust {
             cmd.args(["--trust", trust]);
         }
-        cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null());
-        let mut child = cmd.spawn().unwrap();
-        use std::io::BufRead;
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let addr: std::net::SocketAddr = line.trim().strip_prefix("listening on ").unwrap().parse().unwrap();
+        let daemon = Daemon::spawn(cmd).unwrap();
+        let addr = daemon.addr;
         assert!(addr.is_ipv6(), "{addr}");
         for (count, expected) in [(1u16, 1usize), (175, expected_for_175)] {
             let socket = std::net::UdpSocket::bind("[::1]:0").unwrap();
@@ -304,8 +300,6 @@ fn serves_over_ipv6_with_the_same_rules() {
             assert_eq!(n, 7 * expected, "trust {trust:?}, count {count}");
             insert_unique(&mut seen, ids_of(&buf[..n]));
         }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 }
 
