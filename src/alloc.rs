@@ -545,6 +545,72 @@ mod tests {
         }
     }
 
+    fn node_generator(dir: &Path, geometry: Geometry, key: crate::id::Key, config: GeneratorConfig) -> Generator {
+        let path = dir.join(format!("node{}", geometry.node));
+        create(std::slice::from_ref(&path), &Header::with_key(geometry, false, key).unwrap()).unwrap();
+        open(&path, config)
+    }
+
+    /// Nodes created from one key split the space between them: generated
+    /// to exhaustion, the union of their IDs (not their counters) is the
+    /// whole space, each ID exactly once.
+    #[test]
+    fn nodes_sharing_one_key_partition_a_small_space_exactly() {
+        for (width, shard_bits, nodes) in [(12, 4, 3), (10, 2, 5), (14, 6, 2), (9, 0, 7), (11, 3, 256)] {
+            let dir = tempfile::tempdir().unwrap();
+            let key = crate::id::Key::random().unwrap();
+            let mut union = HashSet::new();
+            for node in 0..nodes {
+                let geometry = Geometry { width, shard_bits, node, nodes };
+                let generator = node_generator(dir.path(), geometry, key, tiny_blocks());
+                let mut handle = generator.handle().unwrap();
+                let mut mine = HashSet::new();
+                drain(&mut handle, &mut mine);
+                assert_eq!(mine.len() as u64, geometry.node_capacity(), "node {node} of {nodes}");
+                for value in mine {
+                    assert!(union.insert(value), "width {width}: {value} issued by two of {nodes} nodes");
+                }
+            }
+            assert_eq!(union.len(), 1 << width, "width {width}, {nodes} nodes");
+        }
+    }
+
+    /// Draws `per_node` IDs from each of `keys.len()` nodes of one geometry
+    /// (node i permuting with `keys[i]`) and returns how many IDs were
+    /// issued by more than one node.
+    fn ids_shared_between_nodes(keys: &[crate::id::Key], per_node: usize) -> usize {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes = keys.len() as u32;
+        let mut all: Vec<u64> = Vec::with_capacity(keys.len() * per_node);
+        for (node, key) in keys.iter().enumerate() {
+            let geometry = Geometry { node: node as u32, nodes, ..Geometry::DEFAULT };
+            let generator = node_generator(dir.path(), geometry, *key, GeneratorConfig::default());
+            let mut handle = generator.handle().unwrap();
+            let mut out = vec![0u8; per_node * ID_LEN];
+            for chunk in out.chunks_mut(175 * ID_LEN) {
+                handle.fill(chunk).unwrap();
+            }
+            all.extend(out.chunks_exact(ID_LEN).map(|raw| Id::from_wire(raw).unwrap().value()));
+        }
+        all.sort_unstable();
+        all.windows(2).filter(|w| w[0] == w[1]).count()
+    }
+
+    #[test]
+    fn three_full_width_nodes_sharing_one_key_share_no_id() {
+        let key = crate::id::Key::random().unwrap();
+        assert_eq!(ids_shared_between_nodes(&[key; 3], 3_000_000), 0);
+    }
+
+    /// What the shared key prevents: nodes with keys of their own issue some
+    /// of the same IDs (about n²/2^35 per pair), so the test above can fail.
+    #[test]
+    fn nodes_with_keys_of_their_own_do_collide() {
+        let keys = [0, 1, 2].map(|_| crate::id::Key::random().unwrap());
+        let shared = ids_shared_between_nodes(&keys, 1_000_000);
+        assert!(shared > 10, "only {shared} collisions; expected about 87");
+    }
+
     #[test]
     fn several_threads_share_a_small_space_exactly() {
         let dir = tempfile::tempdir().unwrap();

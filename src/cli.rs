@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::alloc::{GenError, Generator, GeneratorConfig};
 use crate::id::{Id, ID_LEN};
+use crate::keyfile::SpaceKey;
 use crate::state::{self, Geometry, Header, Snapshot, Store};
 
 /// Unique 7-character trade IDs, served over UDP.
@@ -27,6 +28,8 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Create a key file for a new multi-node ID space (copy it to every node).
+    Keygen(KeygenArgs),
     /// Create a new state file (once per ID space; never overwrites).
     Init(InitArgs),
     /// Serve IDs over UDP.
@@ -56,6 +59,24 @@ pub struct InitArgs {
     /// Hand out IDs in counter order (no permutation).
     #[arg(long, env = "TRADEID_SEQUENTIAL")]
     pub sequential: bool,
+    /// The key file of a multi-node ID space (from `tradeid keygen`): every
+    /// node of the space must be created from the same key file.
+    #[arg(long, env = "TRADEID_KEY_FILE", conflicts_with = "sequential")]
+    pub key_file: Option<PathBuf>,
+    /// Counter width in bits (for tests: small spaces) [default: 35, or the key file's].
+    #[arg(long, hide = true, env = "TRADEID_WIDTH")]
+    pub width: Option<u32>,
+    /// log2 of the shard size (for tests: small shards) [default: 22, or the key file's].
+    #[arg(long, hide = true, env = "TRADEID_SHARD_BITS")]
+    pub shard_bits: Option<u32>,
+}
+
+/// `tradeid keygen`.
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Where to write the new key (mode 0600; never overwrites).
+    #[arg(long, env = "TRADEID_KEY_FILE")]
+    pub out: PathBuf,
     /// Counter width in bits (for tests: small spaces).
     #[arg(long, default_value_t = Geometry::DEFAULT.width, hide = true, env = "TRADEID_WIDTH")]
     pub width: u32,
@@ -99,6 +120,7 @@ pub struct DecodeArgs {
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Keygen(args) => keygen(args),
         Command::Init(args) => init(args),
         Command::Serve(args) => crate::server::run(*args),
         Command::Get(args) => crate::client::run_get(args),
@@ -108,18 +130,61 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
+    let geometry = Geometry { width: args.width, shard_bits: args.shard_bits, node: 0, nodes: 1 };
+    if let Err(reason) = geometry.validate() {
+        bail!(crate::ConfigError(format!("invalid --width/--shard-bits: {reason}")));
+    }
+    let key =
+        SpaceKey::generate(args.width, args.shard_bits).context("cannot read the OS random source for the key")?;
+    key.write_new(&args.out)?;
+    println!("created {} (space {})", args.out.display(), key.space_id());
+    println!(
+        "copy it to every node, then on node I of N: tradeid init --state FILE --node I --nodes N --key-file {}",
+        args.out.display()
+    );
+    Ok(())
+}
+
 fn init(args: InitArgs) -> anyhow::Result<()> {
-    let geometry = Geometry { width: args.width, shard_bits: args.shard_bits, node: args.node, nodes: args.nodes };
+    let space = args.key_file.as_deref().map(SpaceKey::read).transpose()?;
+    if space.is_none() && args.nodes > 1 && !args.sequential {
+        bail!(crate::ConfigError(format!(
+            "--nodes {} needs a shared key (--key-file): every node of one ID space must permute counters with the \
+             same key, or their IDs collide even though their counters never do. Create the key once, copy the \
+             file to every node, and create each node's state from it:\n  \
+             tradeid keygen --out space.key\n  \
+             tradeid init --state FILE --node {} --nodes {} --key-file space.key",
+            args.nodes, args.node, args.nodes
+        )));
+    }
+    let from_key = |flag: &str, given: Option<u32>, in_key: Option<u32>, default: u32| {
+        match (given, in_key) {
+        (Some(g), Some(k)) if g != k => Err(crate::ConfigError(format!(
+            "--{flag} {g} differs from the key file's {flag} {k}; every node of a space uses the key's geometry (leave --{flag} out)"
+        ))),
+        (given, in_key) => Ok(given.or(in_key).unwrap_or(default)),
+    }
+    };
+    let width = from_key("width", args.width, space.map(|k| k.width), Geometry::DEFAULT.width)?;
+    let shard_bits =
+        from_key("shard-bits", args.shard_bits, space.map(|k| k.shard_bits), Geometry::DEFAULT.shard_bits)?;
+    let geometry = Geometry { width, shard_bits, node: args.node, nodes: args.nodes };
     if let Err(reason) = geometry.validate() {
         bail!(crate::ConfigError(format!("invalid --node/--nodes/--width/--shard-bits: {reason}")));
     }
-    let header = Header::new(geometry, args.sequential).context("cannot read the OS random source for the key")?;
+    let header = match space {
+        Some(space) => Header::with_key(geometry, false, space.key),
+        None => Header::new(geometry, args.sequential),
+    }
+    .context("cannot read the OS random source")?;
     state::create(&args.state, &header)?;
     for path in &args.state {
         println!("created {}", path.display());
     }
     println!(
-        "node {} of {}: {} IDs in {} shards of {}{}",
+        "space {}, node {} of {}: {} IDs in {} shards of {}{}",
+        header.space_id(),
         geometry.node,
         geometry.nodes,
         geometry.node_capacity(),
@@ -178,7 +243,15 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         if h.sequential { "sequential (identity permutation)" } else { "permuted (keyed Feistel)" }
     );
     println!("geometry       2^{} IDs, {} shards of {}", g.width, g.shard_count(), g.shard_size());
+    println!(
+        "space          {}{}",
+        h.space_id(),
+        if h.records_space_id { "" } else { " (derived; not recorded by the tradeid that made this file)" }
+    );
     println!("partition      node {} of {} ({} shards)", g.node, g.nodes, g.node_shards().count());
+    if let Err(e) = h.check_servable(&args.state) {
+        println!("WARNING        {e}");
+    }
     println!("used           {used} of {capacity} ({:.4}%)", pct(used));
     println!("remaining      {} ({:.4}%)", capacity - used, pct(capacity - used));
     println!("shards         {} partly used, {full} full", in_use.len());
@@ -222,6 +295,7 @@ fn decode(args: DecodeArgs) -> anyhow::Result<()> {
     let offset = counter & (g.shard_size() - 1);
     let issued = offset < snap.marks[shard as usize];
     println!("id       {id}");
+    println!("space    {}", snap.header.space_id());
     println!("counter  {counter}");
     println!("shard    {shard} (offset {offset}, owned by node {})", shard % g.nodes);
     println!(

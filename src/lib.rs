@@ -3,6 +3,7 @@
 //! Data flows one way: socket → protocol → allocator → id → socket.
 //!
 //! - [`id`]: the ID, its Crockford base32 codec and the keyed permutation. Pure.
+//! - [`keyfile`]: the key file that every node of a multi-node space shares.
 //! - [`state`]: the memory-mapped state file. Holds the only mmap `unsafe`.
 //! - [`alloc`]: shards, block reservation, background prefetch; the in-process generator.
 //! - [`protocol`]: the wire format: decode a request, encode a reply. Pure.
@@ -24,6 +25,7 @@ pub mod cli;
 pub mod client;
 pub mod control;
 pub mod id;
+pub mod keyfile;
 pub mod logging;
 pub mod net;
 pub mod policy;
@@ -65,13 +67,20 @@ pub struct Unreachable(pub String);
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     use state::StateError as S;
     for cause in err.chain() {
-        if let Some(e) = cause.downcast_ref::<S>() {
+        let state_error = match cause.downcast_ref::<keyfile::KeyFileError>() {
+            Some(keyfile::KeyFileError::Create(e)) => Some(e),
+            Some(keyfile::KeyFileError::NotFound { .. }) => return 66,
+            Some(keyfile::KeyFileError::Read { .. }) => return 74,
+            Some(keyfile::KeyFileError::Invalid { .. }) => return 65,
+            None => cause.downcast_ref::<S>(),
+        };
+        if let Some(e) = state_error {
             return match e {
                 S::NotFound { .. } => 66,
                 S::Locked { .. } => 69,
                 S::Exists { .. } | S::NoSpace { .. } => 73,
                 S::BadHeader { .. } | S::BadShard { .. } | S::WrongSize { .. } | S::MirrorMismatch { .. } => 65,
-                S::PartitionMismatch { .. } => 78,
+                S::PartitionMismatch { .. } | S::UnsharedKey { .. } => 78,
                 S::Flush { .. } | S::Shrunk { .. } | S::Poisoned | S::Io { .. } => 74,
             };
         }

@@ -278,6 +278,14 @@ pub fn open_store(config: &ServeConfig) -> anyhow::Result<Store> {
     let (store, report) = match Store::open(&config.state) {
         Err(StateError::NotFound { .. }) if config.create => {
             let (node, nodes) = config.partition.unwrap_or((0, 1));
+            if nodes > 1 {
+                return Err(ConfigError(format!(
+                    "--create cannot make node {node} of {nodes}: the nodes of one space must share a key. Create the \
+                     state once with `tradeid init --state {} --node {node} --nodes {nodes} --key-file space.key`",
+                    config.state[0].display()
+                ))
+                .into());
+            }
             let geometry = Geometry { node, nodes, ..Geometry::DEFAULT };
             geometry.validate().map_err(|e| ConfigError(format!("--node/--nodes: {e}")))?;
             let header = Header::new(geometry, false).context("cannot read the OS random source")?;

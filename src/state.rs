@@ -20,7 +20,9 @@
 //!  40   8  file id (random; ties every slot checksum to this file)
 //!  48  32  permutation key (4 × u64)
 //!  80   8  creation time, seconds since the Unix epoch
-//!  88 ...  zero
+//!  88   8  space id: SHA-256 of the key and geometry (see `Header::space_id`);
+//!           0 in files made before it was recorded
+//!  96 ...  zero
 //! 4092  4  CRC-32 of bytes 0..4092
 //! offset 4096  shard records, 64 bytes each, in shard order
 //!   two 32-byte slots: seq u64 | mark u64 | 12 zero bytes | CRC-32
@@ -127,17 +129,45 @@ pub struct Header {
     pub file_id: u64,
     /// When `init` ran, in seconds since the Unix epoch.
     pub created_unix: u64,
+    /// Whether the header records its space id (files made before it was
+    /// recorded have zeros there; their id is derived from the key).
+    pub records_space_id: bool,
 }
 
 impl Header {
-    /// A fresh header with a random key and file id.
+    /// A fresh header with a random key and file id: a space of its own.
     pub fn new(geometry: Geometry, sequential: bool) -> io::Result<Header> {
-        let key = Key::random()?;
+        Header::with_key(geometry, sequential, Key::random()?)
+    }
+
+    /// A fresh header (random file id) for node `geometry.node` of the
+    /// space that `key` defines. Every node of one multi-node space must be
+    /// created with the same key, or their IDs collide.
+    pub fn with_key(geometry: Geometry, sequential: bool, key: Key) -> io::Result<Header> {
         let mut id = [0u8; 8];
         getrandom::fill(&mut id).map_err(io::Error::other)?;
         let created_unix =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        Ok(Header { geometry, sequential, key, file_id: u64::from_le_bytes(id), created_unix })
+        Ok(Header { geometry, sequential, key, file_id: u64::from_le_bytes(id), created_unix, records_space_id: true })
+    }
+
+    /// The identity of the ID space this file is a node of: files whose IDs
+    /// can never collide with each other's share it (same key, same
+    /// geometry, disjoint partitions). Derived from the key, so two nodes
+    /// initialised from one key file show the same id.
+    pub fn space_id(&self) -> SpaceId {
+        SpaceId::derive(&self.key, self.geometry.width, self.geometry.shard_bits, self.sequential)
+    }
+
+    /// Whether this file may serve: a keyed partition of several nodes is
+    /// only safe if every node shares one key, which only files created
+    /// from a key file (`init --key-file`) guarantee. Older multi-node files
+    /// each drew their own key, so their IDs collide with the other nodes'.
+    pub fn check_servable(&self, path: &Path) -> Result<(), StateError> {
+        if self.geometry.nodes > 1 && !self.sequential && !self.records_space_id {
+            return Err(StateError::UnsharedKey { path: path.to_owned(), nodes: self.geometry.nodes });
+        }
+        Ok(())
     }
 
     /// The counter → ID permutation this file prescribes.
@@ -182,6 +212,9 @@ impl Header {
             put_u64(&mut page, 48 + 8 * i, *k);
         }
         put_u64(&mut page, 80, self.created_unix);
+        if self.records_space_id {
+            put_u64(&mut page, 88, self.space_id().0);
+        }
         let crc = crc32fast::hash(&page[..HEADER_CRC_AT]);
         put_u32(&mut page, HEADER_CRC_AT, crc);
         page
@@ -232,13 +265,64 @@ impl Header {
         for (i, k) in key.iter_mut().enumerate() {
             *k = get_u64(page, 48 + 8 * i);
         }
-        Ok(Header {
+        let stored_space = get_u64(page, 88);
+        let header = Header {
             geometry,
             sequential: flags & 1 == 1,
             key: Key(key),
             file_id: get_u64(page, 40),
             created_unix: get_u64(page, 80),
-        })
+            records_space_id: stored_space != 0,
+        };
+        if header.records_space_id && stored_space != header.space_id().0 {
+            return Err(format!(
+                "its recorded space id {} does not match its key ({}); the header was altered",
+                SpaceId(stored_space),
+                header.space_id()
+            ));
+        }
+        Ok(header)
+    }
+}
+
+/// The identity of an ID space: the first 8 bytes of SHA-256 over the
+/// permutation key and the geometry that decide which ID each counter maps
+/// to. Printed as 16 hex digits in groups of four.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SpaceId(pub u64);
+
+impl SpaceId {
+    /// The id of the space defined by `key` over `width` bits cut into
+    /// shards of 2^`shard_bits` (`sequential`: the key is not used).
+    pub fn derive(key: &Key, width: u32, shard_bits: u32, sequential: bool) -> SpaceId {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"tradeid space v1\0");
+        h.update(width.to_le_bytes());
+        h.update(shard_bits.to_le_bytes());
+        h.update([u8::from(sequential)]);
+        if !sequential {
+            for k in key.0 {
+                h.update(k.to_le_bytes());
+            }
+        }
+        let digest = h.finalize();
+        let id = u64::from_le_bytes(digest[..8].try_into().expect("SHA-256 has 32 bytes"));
+        // 0 means "not recorded" in the header; never derive it.
+        SpaceId(id.max(1))
+    }
+}
+
+impl std::fmt::Display for SpaceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let h = format!("{:016x}", self.0);
+        write!(f, "{}-{}-{}-{}", &h[0..4], &h[4..8], &h[8..12], &h[12..16])
+    }
+}
+
+impl std::fmt::Debug for SpaceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SpaceId({self})")
     }
 }
 
@@ -294,8 +378,8 @@ pub fn encode_slot(seq: u64, mark: u64, file_id: u64, shard: u32, slot: u8) -> [
 /// Why a state file could not be created, opened or updated.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    /// The file exists; `init` never overwrites.
-    #[error("state file {path} already exists; refusing to overwrite it. A state file that has served IDs must never be replaced: choose another path for a new ID space")]
+    /// The file exists; `init` and `keygen` never overwrite.
+    #[error("{path} already exists; refusing to overwrite it. A state file or key that has served IDs must never be replaced: choose another path")]
     Exists {
         /// The file.
         path: PathBuf,
@@ -351,7 +435,7 @@ pub enum StateError {
         what: &'static str,
     },
     /// The disk is full while creating.
-    #[error("no space left on the device while creating state file {path} (it needs {needed} bytes); nothing was created. Free some space and run init again")]
+    #[error("no space left on the device while creating {path} (it needs {needed} bytes); nothing was created. Free some space and run the command again")]
     NoSpace {
         /// The file.
         path: PathBuf,
@@ -386,6 +470,15 @@ pub enum StateError {
         /// The node requested.
         node: u32,
         /// The node count requested.
+        nodes: u32,
+    },
+    /// A multi-node file from before shared keys: its IDs collide with the
+    /// other nodes'.
+    #[error("state file {path} is one node of {nodes} but was created with its own permutation key (by a tradeid before key files), so its IDs collide with the other nodes' IDs. Refusing to serve it. Create a new ID space whose nodes share one key: `tradeid keygen --out space.key`, then `tradeid init --state NEW --node I --nodes {nodes} --key-file space.key` on every node")]
+    UnsharedKey {
+        /// The file.
+        path: PathBuf,
+        /// How many nodes its header records.
         nodes: u32,
     },
     /// A previous flush failed, so nothing more is written.
@@ -433,61 +526,58 @@ pub fn create(paths: &[PathBuf], header: &Header) -> Result<(), StateError> {
 }
 
 fn create_one(path: &Path, header: &Header) -> Result<(), StateError> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let name = path.file_name().ok_or_else(|| StateError::Io {
-        what: "state path has no file name",
-        path: path.to_owned(),
-        source: io::ErrorKind::InvalidInput.into(),
-    })?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
-    let result = write_new_file(&tmp, header).and_then(|()| {
-        std::fs::hard_link(&tmp, path).map_err(|e| match e.kind() {
-            io::ErrorKind::AlreadyExists => StateError::Exists { path: path.to_owned() },
-            _ => StateError::Io { what: "cannot link new state file into place at", path: path.to_owned(), source: e },
-        })
-    });
-    let _ = std::fs::remove_file(&tmp);
-    result?;
-    File::open(&dir).and_then(|d| d.sync_all()).map_err(io_err("cannot fsync directory", &dir))
-}
-
-fn write_new_file(tmp: &Path, header: &Header) -> Result<(), StateError> {
     let g = &header.geometry;
-    let len = g.file_len();
-    let no_space = |e: io::Error| match e.raw_os_error() {
-        Some(libc::ENOSPC) | Some(libc::EDQUOT) => StateError::NoSpace { path: tmp.to_owned(), needed: len },
-        _ => StateError::Io { what: "cannot write temporary state file", path: tmp.to_owned(), source: e },
-    };
-    let mut file = OpenOptions::new().write(true).create_new(true).open(tmp).map_err(no_space)?;
-    preallocate(&file, len).map_err(no_space)?;
-    let mut contents = Vec::with_capacity(len as usize);
+    let mut contents = Vec::with_capacity(g.file_len() as usize);
     contents.extend_from_slice(&header.encode());
     for shard in 0..g.shard_count() {
         // Both slots valid with mark 0: slot 0 is the newest.
         contents.extend_from_slice(&encode_slot(1, 0, header.file_id, shard, 0));
         contents.extend_from_slice(&encode_slot(0, 0, header.file_id, shard, 1));
     }
-    file.write_all(&contents).map_err(no_space)?;
-    file.sync_all().map_err(no_space)
+    create_durably(path, &contents, 0o600)
 }
 
-/// Reserves the file's blocks so that later writes through the map cannot
-/// fail for lack of space (which would be a SIGBUS).
-fn preallocate(file: &File, len: u64) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let len = libc::off_t::try_from(len).map_err(io::Error::other)?;
-    // SAFETY: posix_fallocate only reads its integer arguments; the fd is
-    // valid for the duration of the call because `file` is borrowed.
-    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
-    match rc {
-        0 => Ok(()),
-        // Filesystems without fallocate: writing every byte allocates too.
-        libc::EOPNOTSUPP | libc::EINVAL => Ok(()),
-        errno => Err(io::Error::from_raw_os_error(errno)),
-    }
+/// Creates `path` with exactly `contents`, durably and only if it does not
+/// exist: the bytes go to a temporary file in the same directory (mode
+/// `mode`), which is fsynced and then hard-linked into place (linking fails
+/// if the name exists, so nothing is ever overwritten); the directory is
+/// fsynced last. Errors name `path`, never the temporary file.
+pub fn create_durably(path: &Path, contents: &[u8], mode: u32) -> Result<(), StateError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let name = path.file_name().ok_or_else(|| StateError::Io {
+        what: "the path has no file name:",
+        path: path.to_owned(),
+        source: io::ErrorKind::InvalidInput.into(),
+    })?;
+    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let needed = contents.len() as u64;
+    let failed = |e: io::Error| match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => StateError::NoSpace { path: path.to_owned(), needed },
+        _ => StateError::Io { what: "cannot create", path: path.to_owned(), source: e },
+    };
+    let written = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .and_then(|mut file| {
+            file.write_all(contents)?;
+            file.sync_all()
+        })
+        .map_err(failed)
+        .and_then(|()| {
+            std::fs::hard_link(&tmp, path).map_err(|e| match e.kind() {
+                io::ErrorKind::AlreadyExists => StateError::Exists { path: path.to_owned() },
+                _ => StateError::Io { what: "cannot link into place", path: path.to_owned(), source: e },
+            })
+        });
+    let _ = std::fs::remove_file(&tmp);
+    written?;
+    File::open(&dir).and_then(|d| d.sync_all()).map_err(io_err("cannot fsync directory", &dir))
 }
 
 /// What [`Store::open`] found worth telling the operator.
@@ -556,6 +646,7 @@ impl Store {
             loaded.push((mirror, header, slots));
         }
         let header = loaded[0].1;
+        header.check_servable(&loaded[0].0.path)?;
         let shard_count = header.geometry.shard_count() as usize;
         // Per shard, the largest mark in any mirror wins: a larger mark is
         // always safe (it only skips IDs), a smaller one may repeat IDs.
@@ -854,6 +945,7 @@ mod tests {
     use proptest::prelude::*;
 
     const GOLDEN_HEADER_CRC: u32 = 558_161_692;
+    const GOLDEN_SPACE_ID: u64 = 12_584_339_381_748_310_865;
     #[rustfmt::skip]
     const GOLDEN_SLOT: [u8; SLOT_LEN] = [
         7, 0, 0, 0, 0, 0, 0, 0, // seq 7
@@ -888,11 +980,56 @@ mod tests {
             key: Key([1, 2, 3, 4]),
             file_id: 0x0123_4567_89ab_cdef,
             created_unix: 1_700_000_000,
+            records_space_id: false,
         };
+        // A header from before the space id was recorded: still read as it was.
         let page = header.encode();
         assert_eq!(&page[..8], b"TRADEID\0");
         assert_eq!(crc32fast::hash(&page), GOLDEN_HEADER_CRC);
+        assert_eq!(Header::decode(&page).unwrap(), header);
         assert_eq!(encode_slot(7, 1000, header.file_id, 42, 1), GOLDEN_SLOT);
+        // Today's header records the space id at offset 88.
+        let current = Header { records_space_id: true, ..header };
+        let page = current.encode();
+        assert_eq!(get_u64(&page, 88), GOLDEN_SPACE_ID);
+        assert_eq!(current.space_id().to_string(), "aea4-8dfe-3611-2351");
+        assert_eq!(Header::decode(&page).unwrap(), current);
+    }
+
+    #[test]
+    fn a_tampered_space_id_is_refused() {
+        let mut page = Header::new(small(12, 4), false).unwrap().encode();
+        put_u64(&mut page, 88, 12345);
+        let crc = crc32fast::hash(&page[..HEADER_CRC_AT]);
+        put_u32(&mut page, HEADER_CRC_AT, crc);
+        assert!(Header::decode(&page).unwrap_err().contains("does not match its key"));
+    }
+
+    #[test]
+    fn the_space_id_depends_on_key_and_geometry_only() {
+        let key = Key([9, 8, 7, 6]);
+        let a = Header::with_key(Geometry { node: 0, nodes: 3, ..small(20, 8) }, false, key).unwrap();
+        let b = Header::with_key(Geometry { node: 2, nodes: 3, ..small(20, 8) }, false, key).unwrap();
+        assert_ne!(a.file_id, b.file_id);
+        assert_eq!(a.space_id(), b.space_id(), "two nodes of one key share the space");
+        assert_ne!(a.space_id(), Header::with_key(small(20, 9), false, key).unwrap().space_id());
+        assert_ne!(a.space_id(), Header::with_key(small(20, 8), false, Key([9, 8, 7, 5])).unwrap().space_id());
+    }
+
+    #[test]
+    fn a_multi_node_file_with_its_own_key_is_refused_for_serving() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("legacy");
+        let legacy = Header {
+            records_space_id: false,
+            ..Header::new(Geometry { node: 1, nodes: 2, ..small(12, 4) }, false).unwrap()
+        };
+        create(std::slice::from_ref(&path), &legacy).unwrap();
+        let err = Store::open(std::slice::from_ref(&path)).err().unwrap();
+        assert!(matches!(err, StateError::UnsharedKey { nodes: 2, .. }), "{err}");
+        assert!(err.to_string().contains("tradeid keygen"), "{err}");
+        // Still readable for inspect and decode.
+        assert!(Snapshot::read(&path).is_ok());
     }
 
     #[test]

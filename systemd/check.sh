@@ -34,7 +34,9 @@ check_unit() { # $1 = unit file to check, $2 = env file of settings (or "")
     local node nodes
     node=$( { grep -h '^TRADEID_NODE=' "$envfile" 2>/dev/null || true; } | cut -d= -f2)
     nodes=$( { grep -h '^TRADEID_NODES=' "$envfile" 2>/dev/null || true; } | cut -d= -f2)
-    /usr/local/bin/tradeid init --state "$state" ${node:+--node "$node"} ${nodes:+--nodes "$nodes"} >/dev/null
+    local key="$work/${name%.service}.key"
+    /usr/local/bin/tradeid keygen --out "$key" >/dev/null
+    /usr/local/bin/tradeid init --state "$state" --key-file "$key" ${node:+--node "$node"} ${nodes:+--nodes "$nodes"} >/dev/null
     local -a vars=()
     while IFS= read -r line; do vars+=("$line"); done < <(sed -n 's/^Environment=//p' "$unit"; [ -n "$envfile" ] && grep -v '^#' "$envfile" | grep . || true)
     if env "${vars[@]}" /usr/local/bin/tradeid serve --check-config --state "$state" >/dev/null; then

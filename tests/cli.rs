@@ -41,10 +41,101 @@ fn a_second_server_on_the_same_state_is_refused() {
     assert!(stderr(&out).contains("locked by another process"), "{}", stderr(&out));
 }
 
+/// `tradeid keygen --out DIR/space.key EXTRA...`, asserting success.
+fn keygen(dir: &std::path::Path, extra: &[&str]) -> String {
+    let key = dir.join("space.key");
+    let mut args = vec!["keygen", "--out", key.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let out = run(&args);
+    assert!(out.status.success(), "keygen failed: {}", stderr(&out));
+    key.to_str().unwrap().to_string()
+}
+
+fn gen_ids(state: &std::path::Path, count: u64) -> Vec<String> {
+    let out = run(&["gen", "--state", state.to_str().unwrap(), "-n", &count.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    String::from_utf8(out.stdout).unwrap().lines().map(String::from).collect()
+}
+
+#[test]
+fn keygen_writes_a_private_key_once() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path(), &[]);
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    let before = std::fs::read(&key).unwrap();
+    let out = run(&["keygen", "--out", &key]);
+    assert_eq!(out.status.code(), Some(73));
+    assert!(stderr(&out).contains("already exists; refusing to overwrite"), "{}", stderr(&out));
+    assert_eq!(std::fs::read(&key).unwrap(), before);
+}
+
+#[test]
+fn a_multi_node_init_without_a_shared_key_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("s");
+    let out = run(&["init", "--state", state.to_str().unwrap(), "--node", "1", "--nodes", "2"]);
+    assert_eq!(out.status.code(), Some(78));
+    let err = stderr(&out);
+    assert!(err.contains("needs a shared key"), "{err}");
+    assert!(err.contains("tradeid keygen --out space.key"), "{err}");
+    assert!(err.contains("tradeid init --state FILE --node 1 --nodes 2 --key-file space.key"), "{err}");
+    assert!(!state.exists());
+    // Sequential IDs use no key: their partitions never overlap.
+    init_state(dir.path(), "seq", &["--sequential", "--node", "1", "--nodes", "2"]);
+    // A key's geometry cannot be overridden.
+    let key = keygen(dir.path(), &["--width", "20", "--shard-bits", "8"]);
+    let out = run(&["init", "--state", state.to_str().unwrap(), "--key-file", &key, "--width", "21"]);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(stderr(&out).contains("--width 21 differs from the key file's width 20"), "{}", stderr(&out));
+    let out = run(&["init", "--state", state.to_str().unwrap(), "--key-file", "/nonexistent/k", "--nodes", "2"]);
+    assert_eq!(out.status.code(), Some(66));
+    assert!(stderr(&out).contains("key file /nonexistent/k does not exist"), "{}", stderr(&out));
+}
+
+/// Three nodes from one key, each generated to exhaustion: the union of
+/// their IDs is the whole (small) space, each ID exactly once.
+#[test]
+fn nodes_from_one_key_file_cover_a_small_space_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path(), &["--width", "12", "--shard-bits", "4"]);
+    let mut union = HashSet::new();
+    let mut spaces = HashSet::new();
+    for node in 0..3u64 {
+        let name = format!("n{node}");
+        let state = init_state(dir.path(), &name, &["--node", &node.to_string(), "--nodes", "3", "--key-file", &key]);
+        // 256 shards of 16 dealt to 3 nodes: 86, 85, 85 shards.
+        let capacity = if node == 0 { 86 * 16 } else { 85 * 16 };
+        insert_unique(&mut union, gen_ids(&state, capacity));
+        let out = run(&["gen", "--state", state.to_str().unwrap(), "-n", "1"]);
+        assert_eq!(out.status.code(), Some(65), "node {node} is exhausted");
+        let out = run(&["inspect", "--state", state.to_str().unwrap()]);
+        let text = String::from_utf8(out.stdout).unwrap();
+        spaces.insert(text.lines().find(|l| l.starts_with("space")).unwrap().to_string());
+    }
+    assert_eq!(union.len(), 4096);
+    assert_eq!(spaces.len(), 1, "all three files name one space: {spaces:?}");
+}
+
+#[test]
+fn three_full_width_nodes_from_one_key_file_share_no_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path(), &[]);
+    let mut seen = HashSet::new();
+    for node in 0..3 {
+        let name = format!("n{node}");
+        let state = init_state(dir.path(), &name, &["--node", &node.to_string(), "--nodes", "3", "--key-file", &key]);
+        let ids = gen_ids(&state, 2_000_000);
+        assert_eq!(ids.len(), 2_000_000);
+        insert_unique(&mut seen, ids);
+    }
+}
+
 #[test]
 fn serving_another_partition_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let state = init_state(dir.path(), "s", &["--node", "1", "--nodes", "4"]);
+    let key = keygen(dir.path(), &[]);
+    let state = init_state(dir.path(), "s", &["--node", "1", "--nodes", "4", "--key-file", &key]);
     let path = state.to_str().unwrap();
     let out = run(&["serve", "--state", path, "--listen", "127.0.0.1:0", "--node", "2", "--nodes", "4"]);
     assert_eq!(out.status.code(), Some(78));
