@@ -1,19 +1,19 @@
 //! The `tradeid` binary: parse the command line, set up logging, run, and
-//! map errors to exit codes (see [`tradeid::exit_code`]).
+//! map errors to exit codes (see [`tradeid_server::exit_code`]).
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = tradeid::cli::Cli::parse();
-    tradeid::logging::init();
-    match tradeid::cli::run(cli) {
+    let cli = tradeid_server::Cli::parse();
+    tradeid_server::init_logging();
+    match tradeid_server::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err:#}");
             eprintln!("tradeid: error: {err:#}");
-            ExitCode::from(tradeid::exit_code(&err))
+            ExitCode::from(tradeid_server::exit_code(&err))
         }
     }
 }

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use tradeid::net::{self, RecvBatch, Wait};
+use tradeid_udp::{RecvBatch, SendBatch, Wait};
+
+use crate::sockets::{connect_udp, send_copies, wait_readable};
 
 use crate::matcher::{id_values, Expect, InFlight, Verdict};
 use crate::report::{new_histogram, Tally};
@@ -54,16 +56,15 @@ pub(crate) fn run_thread(
     progress: Sender<Histogram<u64>>,
 ) -> io::Result<Tally> {
     if let Some(&cpu) = plan.cpus.get(index % plan.cpus.len().max(1)) {
-        net::pin_current_thread(cpu);
+        core_affinity::set_for_current(core_affinity::CoreId { id: cpu });
     }
     let sockets: Vec<UdpSocket> = (0..plan.sockets_per_thread[index])
         .map(|_| {
-            let s = net::connect_udp(plan.target)?;
+            let s = connect_udp(plan.target)?;
             s.set_nonblocking(true)?;
             Ok(s)
         })
         .collect::<io::Result<_>>()?;
-    let socket_refs: Vec<&UdpSocket> = sockets.iter().collect();
     let threads = plan.sockets_per_thread.len() as f64;
     let mut schedule = plan.rate.map(|rate| {
         let per_thread = rate / threads;
@@ -74,9 +75,9 @@ pub(crate) fn run_thread(
     // Open loop: requests due but not yet accepted by their socket.
     let mut backlog: Vec<VecDeque<u64>> = sockets.iter().map(|_| VecDeque::new()).collect();
     let mut rx = RecvBatch::new();
+    let mut tx = SendBatch::new(plan.request.len());
     let mut tally = Tally::new();
     let mut interval = new_histogram();
-    let mut ready = Vec::new();
     let end = plan.duration.as_nanos() as u64;
     let timeout = plan.timeout.as_nanos() as u64;
     let mut next_progress = 1_000_000_000u64;
@@ -101,7 +102,7 @@ pub(crate) fn run_thread(
                         let want = (plan.window - inflight[s].len().min(plan.window))
                             .min((plan.max_requests_per_thread - tally.sent) as usize);
                         if want > 0 {
-                            let k = net::send_repeated(socket, &plan.request, want)?;
+                            let k = send_copies(&mut tx, socket, &plan.request, want)?;
                             for _ in 0..k {
                                 inflight[s].push(now);
                             }
@@ -124,7 +125,7 @@ pub(crate) fn run_thread(
                         if backlog[s].is_empty() {
                             continue;
                         }
-                        let k = net::send_repeated(socket, &plan.request, backlog[s].len())?;
+                        let k = send_copies(&mut tx, socket, &plan.request, backlog[s].len())?;
                         for intended in backlog[s].drain(..k) {
                             if now - intended > LATE {
                                 tally.late_sends += 1;
@@ -174,7 +175,7 @@ pub(crate) fn run_thread(
                 _ => POLL_WAIT,
             };
             if !wait.is_zero() {
-                net::poll_readable(&socket_refs, wait, &mut ready)?;
+                wait_readable(&sockets, wait)?;
             }
         }
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use tradeid::net::{self, RecvBatch, SendBatch, SocketOptions, Wait};
+use tradeid_udp::{self as udp, RecvBatch, SendBatch, SocketOptions, Wait};
 
 /// `loadgen echo`.
 #[derive(Debug, Args)]
@@ -35,9 +35,9 @@ pub(crate) fn run(args: EchoArgs) -> anyhow::Result<()> {
     let options =
         SocketOptions { recv_buffer: 4 << 20, send_buffer: 4 << 20, read_timeout: Duration::from_millis(100) };
     let (sockets, local, _) =
-        net::bind_group(args.listen, args.workers, &options).with_context(|| format!("cannot bind {}", args.listen))?;
+        udp::bind_group(args.listen, args.workers, &options).with_context(|| format!("cannot bind {}", args.listen))?;
     println!("listening on {local}");
-    let cpus = net::allowed_cpus();
+    let cpus: Vec<usize> = core_affinity::get_core_ids().unwrap_or_default().into_iter().map(|c| c.id).collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(args.duration);
     let threads: Vec<_> = sockets
         .into_iter()
@@ -51,7 +51,7 @@ pub(crate) fn run(args: EchoArgs) -> anyhow::Result<()> {
             let reply_len = args.reply_len;
             std::thread::spawn(move || -> std::io::Result<()> {
                 if let Some(cpu) = cpu {
-                    net::pin_current_thread(cpu);
+                    core_affinity::set_for_current(core_affinity::CoreId { id: cpu });
                 }
                 let mut rx = RecvBatch::new();
                 let mut tx = SendBatch::new(reply_len);
@@ -63,10 +63,10 @@ pub(crate) fn run(args: EchoArgs) -> anyhow::Result<()> {
                         // at the source, then copy a reply into the slot.
                         if rx.source(i).is_some() {
                             tx.next_buffer()[..reply_len].copy_from_slice(&reply);
-                            tx.queue(reply_len, i);
+                            tx.queue_reply(reply_len, &rx, i);
                         }
                     }
-                    tx.send(&socket, &rx)?;
+                    tx.send(&socket)?;
                 }
                 Ok(())
             })

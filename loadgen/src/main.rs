@@ -12,6 +12,7 @@ mod echo;
 mod matcher;
 mod report;
 mod schedule;
+mod sockets;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::Ordering;

@@ -5,8 +5,8 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 
-use tradeid::server::{ServeConfig, Server};
 use tradeid::state::{create, Geometry, Header};
+use tradeid_server::dataplane::{Config, Server};
 
 fn loadgen(args: &[&str]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_loadgen")).args(args).args(["--json", "-", "--quiet"]).output().unwrap();
@@ -17,9 +17,7 @@ fn loadgen(args: &[&str]) -> serde_json::Value {
 fn start_tradeid(dir: &std::path::Path) -> Server {
     let path = dir.join("state");
     create(std::slice::from_ref(&path), &Header::new(Geometry::DEFAULT, false).unwrap()).unwrap();
-    let mut config = ServeConfig::new(vec![path], "127.0.0.1:0".parse().unwrap());
-    config.worker_cpus = vec![None, None];
-    Server::start(config).unwrap()
+    Server::start(&Config::new(vec![path], "127.0.0.1:0".parse().unwrap(), 2)).unwrap()
 }
 
 #[test]
@@ -48,7 +46,7 @@ fn closed_loop_against_tradeid_is_unique_and_well_formed() {
     assert!(open["generator_fell_behind"].is_boolean());
     assert!(open["replies"].as_u64().unwrap() > 1000, "{open}");
     assert_eq!(open["lost"], 0);
-    server.shutdown().unwrap();
+    server.workers.stop().unwrap();
 }
 
 #[test]

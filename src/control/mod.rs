@@ -3,8 +3,12 @@
 //! admin HTTP listener. It only observes the data plane (through atomics)
 //! and tells it to stop; it never touches a datagram.
 
+mod admin;
+mod metrics;
+pub(crate) mod systemd;
+
 use std::io::Write;
-use std::os::unix::net::UnixDatagram;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,23 +16,38 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::server::Server;
-use crate::stats::Observer;
+use crate::dataplane::Server;
+use metrics::Observer;
+use systemd::Notifier;
+
+/// What the control plane needs besides the running data plane.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    /// Admin HTTP address, if any.
+    pub(crate) admin: Option<SocketAddr>,
+    /// Largest batch, for `/ids`.
+    pub(crate) max_batch: u16,
+    /// The most IDs one restart can skip (for metrics).
+    pub(crate) max_waste_per_restart: u64,
+    /// The systemd watchdog interval, if any.
+    pub(crate) watchdog: Option<Duration>,
+}
 
 /// Runs the control plane until SIGTERM/SIGINT (exit 0 after a clean stop)
 /// or until a worker dies (an error, so systemd restarts us).
-pub fn run(server: Server) -> anyhow::Result<()> {
+pub(crate) fn run(server: Server, config: Config) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the control-plane runtime")?;
-    runtime.block_on(control(server))
+    runtime.block_on(control(server, config))
 }
 
-async fn control(server: Server) -> anyhow::Result<()> {
-    let observer = Arc::new(Observer::new(&server));
-    if let Some(addr) = server.config.admin {
-        let bound = crate::admin::spawn(addr, Arc::clone(&observer))
+async fn control(server: Server, config: Config) -> anyhow::Result<()> {
+    let Server { generator, counters, local_addr, workers } = server;
+    let observer = Arc::new(Observer::new(generator, counters, config.max_batch, config.max_waste_per_restart));
+    if let Some(addr) = config.admin {
+        let bound = admin::spawn(addr, Arc::clone(&observer))
             .await
             .with_context(|| format!("cannot bind the admin listener {addr} (--admin): is the port in use?"))?;
         tracing::info!(%bound, "admin HTTP listening");
@@ -38,10 +57,10 @@ async fn control(server: Server) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
 
     // Every worker is bound and holds a flushed block: we are ready.
-    println!("listening on {}", server.local_addr);
+    println!("listening on {local_addr}");
     let _ = std::io::stdout().flush();
     let notifier = Notifier::from_env();
-    let watchdog = watchdog_interval();
+    let watchdog = config.watchdog;
     notifier.send(&format!("READY=1\nSTATUS={}", observer.status_line()));
 
     // Housekeeping once a second; watchdog pings at exactly half the
@@ -63,22 +82,19 @@ async fn control(server: Server) -> anyhow::Result<()> {
                 let now = observer.heartbeats();
                 let all_alive = now.iter().zip(&beats).all(|(n, b)| n != b);
                 beats = now;
-                let flush_stuck = match (server.generator.flush_in_progress_for(), watchdog) {
+                let flush_stuck = match (observer.generator.flush_in_progress_for(), watchdog) {
                     (Some(running), Some(w)) => running > w / 2,
                     _ => false,
                 };
-                if all_alive && !flush_stuck && !server.worker_died() {
+                if all_alive && !flush_stuck && !workers.any_ended() {
                     notifier.send("WATCHDOG=1");
                 } else {
                     tracing::warn!(all_alive, flush_stuck, "withholding the watchdog ping");
                 }
             }
             _ = housekeeping.tick() => {
-                if server.worker_died() {
+                if workers.any_ended() {
                     break Err(anyhow::anyhow!("a worker thread stopped unexpectedly"));
-                }
-                if let Some(path) = &server.config.test_stall_file {
-                    server.stall.store(path.exists(), Ordering::Relaxed);
                 }
                 capacity.check(observer.used_fraction());
                 if last_status.elapsed() >= Duration::from_secs(5) {
@@ -110,7 +126,7 @@ async fn control(server: Server) -> anyhow::Result<()> {
         eprintln!("tradeid: second signal, exiting at once");
         std::process::exit(1);
     });
-    tokio::task::spawn_blocking(move || server.shutdown()).await.context("shutdown task")??;
+    tokio::task::spawn_blocking(move || workers.stop()).await.context("shutdown task")??;
     tracing::info!("stopped cleanly");
     Ok(())
 }
@@ -132,46 +148,6 @@ impl CapacityAlarm {
                 "ID space {level:.0}% used; plan a new ID space (new state file or node) before it runs out"
             );
             self.warned += 1;
-        }
-    }
-}
-
-/// The watchdog interval systemd asked for, if it is meant for this process.
-pub fn watchdog_interval() -> Option<Duration> {
-    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
-    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
-        if pid.parse::<u32>().ok() != Some(std::process::id()) {
-            return None;
-        }
-    }
-    (usec > 0).then(|| Duration::from_micros(usec))
-}
-
-/// sd_notify(3): datagrams to `$NOTIFY_SOCKET` (a path, or `@abstract`).
-struct Notifier {
-    socket: Option<(UnixDatagram, std::os::unix::net::SocketAddr)>,
-}
-
-impl Notifier {
-    fn from_env() -> Notifier {
-        let socket = std::env::var_os("NOTIFY_SOCKET").and_then(|path| {
-            let path = path.to_string_lossy().into_owned();
-            let addr = if let Some(name) = path.strip_prefix('@') {
-                use std::os::linux::net::SocketAddrExt;
-                std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).ok()?
-            } else {
-                std::os::unix::net::SocketAddr::from_pathname(&path).ok()?
-            };
-            Some((UnixDatagram::unbound().ok()?, addr))
-        });
-        Notifier { socket }
-    }
-
-    fn send(&self, message: &str) {
-        if let Some((socket, addr)) = &self.socket {
-            if let Err(e) = socket.send_to_addr(message.as_bytes(), addr) {
-                tracing::warn!("cannot notify systemd ({message:?}): {e}");
-            }
         }
     }
 }

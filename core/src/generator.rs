@@ -1,5 +1,6 @@
-//! Shards, block reservation and background prefetch: the in-process
-//! generator.
+//! The generator: shards, block reservation and background prefetch. This
+//! is what an application embeds to make IDs without a network hop, and
+//! what every server worker draws from.
 //!
 //! A [`Generator`] owns the open [`Store`] and one background *reserver*
 //! thread. Each [`Handle`] (one per worker thread) owns one shard at a time
@@ -22,8 +23,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam::channel::{self, Receiver, Sender, TryRecvError};
+use crossbeam_channel::{self as channel, Receiver, Sender, TryRecvError};
 
+use crate::hooks::{self, TestHooks};
 use crate::id::{encode_word, Id, Permutation, ID_LEN};
 use crate::state::{StateError, Store};
 
@@ -41,10 +43,6 @@ pub struct GeneratorConfig {
     /// Abort the process when a flush fails (the server's choice), instead of
     /// failing every later request (the library's default).
     pub abort_on_storage_error: bool,
-    /// Test hook: sleep this long before every flush (simulates a slow disk).
-    pub flush_delay: Duration,
-    /// Test hook: flushes after this many fail with EIO.
-    pub fail_flushes_after: Option<u64>,
 }
 
 impl Default for GeneratorConfig {
@@ -55,8 +53,6 @@ impl Default for GeneratorConfig {
             grow_below: Duration::from_secs(2),
             shrink_above: Duration::from_secs(60),
             abort_on_storage_error: false,
-            flush_delay: Duration::ZERO,
-            fail_flushes_after: None,
         }
     }
 }
@@ -105,8 +101,6 @@ pub struct GenStats {
     pub flush_started_nanos: AtomicU64,
     /// Flush latency in microseconds.
     pub flush_micros: Mutex<Option<hdrhistogram::Histogram<u64>>>,
-    /// Incremented by the reserver whenever it finishes handling a request.
-    pub reserver_beats: AtomicU64,
 }
 
 struct Shared {
@@ -139,8 +133,13 @@ struct Block {
 impl Generator {
     /// Starts the reserver for an opened store.
     pub fn new(store: Store, config: GeneratorConfig) -> Generator {
+        Generator::with_hooks(store, config, hooks::get().clone())
+    }
+
+    /// As [`new`](Self::new), with faults injected (see [`hooks`]).
+    fn with_hooks(store: Store, config: GeneratorConfig, hooks: TestHooks) -> Generator {
         assert!(config.block_min >= 1 && config.block_min <= config.block_max);
-        if let Some(n) = config.fail_flushes_after {
+        if let Some(n) = hooks.fail_flush_after {
             store.fail_flushes_after(n);
         }
         let shared = Arc::new(Shared {
@@ -158,7 +157,7 @@ impl Generator {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name("tradeid-reserver".into())
-                .spawn(move || Reserver::new(shared, config).run(inbox))
+                .spawn(move || Reserver::new(shared, config, hooks.flush_delay).run(inbox))
                 .expect("spawning the reserver thread")
         };
         Generator { shared, requests, reserver: Some(reserver), next_worker: AtomicUsize::new(0) }
@@ -351,6 +350,8 @@ const INITIAL_BLOCK_FACTOR: u64 = 64;
 struct Reserver {
     shared: Arc<Shared>,
     config: GeneratorConfig,
+    /// Test hook: sleep this long before every flush.
+    flush_delay: Duration,
     /// Per shard: claimed by a live handle.
     claimed: Vec<bool>,
     workers: Vec<WorkerSlot>,
@@ -366,9 +367,9 @@ struct WorkerSlot {
 }
 
 impl Reserver {
-    fn new(shared: Arc<Shared>, config: GeneratorConfig) -> Reserver {
+    fn new(shared: Arc<Shared>, config: GeneratorConfig, flush_delay: Duration) -> Reserver {
         let shard_count = shared.store.header().geometry.shard_count() as usize;
-        Reserver { shared, config, claimed: vec![false; shard_count], workers: Vec::new(), failed: None }
+        Reserver { shared, config, flush_delay, claimed: vec![false; shard_count], workers: Vec::new(), failed: None }
     }
 
     fn run(mut self, inbox: Receiver<Request>) {
@@ -394,7 +395,6 @@ impl Reserver {
                     }
                 }
             }
-            self.shared.stats.reserver_beats.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -474,8 +474,8 @@ impl Reserver {
         let stats = &self.shared.stats;
         let started = self.shared.epoch.elapsed().as_nanos().max(1) as u64;
         stats.flush_started_nanos.store(started, Ordering::Release);
-        if !self.config.flush_delay.is_zero() {
-            std::thread::sleep(self.config.flush_delay);
+        if !self.flush_delay.is_zero() {
+            std::thread::sleep(self.flush_delay);
         }
         let result = self.shared.store.persist(shard, mark);
         stats.flush_started_nanos.store(0, Ordering::Release);
@@ -770,13 +770,9 @@ mod tests {
     fn try_fill_never_waits_and_reports_a_short_count() {
         let dir = tempfile::tempdir().unwrap();
         let path = init(dir.path(), Geometry::DEFAULT, false);
-        let config = GeneratorConfig {
-            block_min: 10,
-            block_max: 10,
-            flush_delay: Duration::from_millis(300),
-            ..GeneratorConfig::default()
-        };
-        let generator = open(&path, config);
+        let config = GeneratorConfig { block_min: 10, block_max: 10, ..GeneratorConfig::default() };
+        let slow_disk = TestHooks { flush_delay: Duration::from_millis(300), ..TestHooks::default() };
+        let generator = Generator::with_hooks(Store::open(&[path]).unwrap().0, config, slow_disk);
         let mut handle = generator.handle().unwrap();
         let mut out = [0u8; 15 * ID_LEN];
         let started = Instant::now();

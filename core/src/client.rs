@@ -9,10 +9,8 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::io;
-use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
-
-use clap::Args;
 
 use crate::id::{Id, ID_LEN};
 use crate::protocol::{self, ErrorCode, DEFAULT_MAX_BATCH};
@@ -34,12 +32,17 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
+    /// How long to wait for each reply by default.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(250);
+    /// Attempts per server by default.
+    pub const DEFAULT_ATTEMPTS: u32 = 3;
+
     /// Sensible defaults for `servers`.
     pub fn new(servers: Vec<SocketAddr>) -> ClientConfig {
         ClientConfig {
             servers,
-            timeout: Duration::from_millis(250),
-            attempts: 3,
+            timeout: ClientConfig::DEFAULT_TIMEOUT,
+            attempts: ClientConfig::DEFAULT_ATTEMPTS,
             max_batch: DEFAULT_MAX_BATCH,
             pad: true,
         }
@@ -98,8 +101,7 @@ impl Client {
         if config.servers.is_empty() {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "no server address given"));
         }
-        let sockets =
-            config.servers.iter().map(|&server| crate::net::connect_udp(server)).collect::<io::Result<Vec<_>>>()?;
+        let sockets = config.servers.iter().map(|&server| connect_udp(server)).collect::<io::Result<Vec<_>>>()?;
         Ok(Client {
             exhausted: vec![false; sockets.len()],
             sockets,
@@ -220,6 +222,18 @@ impl Client {
     }
 }
 
+/// An ephemeral socket of `target`'s address family, connected to it (so
+/// the kernel drops datagrams from any other source).
+fn connect_udp(target: SocketAddr) -> io::Result<UdpSocket> {
+    let any: SocketAddr = match target {
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = UdpSocket::bind(any)?;
+    socket.connect(target)?;
+    Ok(socket)
+}
+
 enum Fetched {
     Some,
     Exhausted,
@@ -281,59 +295,6 @@ impl RecentIds {
 
 /// How many recent IDs the duplicate filter remembers.
 const RECENT_WINDOW: usize = 1 << 16;
-
-/// `tradeid get`.
-#[derive(Debug, Args)]
-pub struct GetArgs {
-    /// How many IDs to fetch.
-    #[arg(short = 'n', long = "count", default_value_t = 1, env = "TRADEID_COUNT")]
-    pub count: usize,
-    /// A server address (HOST:PORT); repeat for failover.
-    #[arg(long = "server", required = true, env = "TRADEID_SERVER", value_delimiter = ',')]
-    pub servers: Vec<String>,
-    /// Milliseconds to wait for each reply.
-    #[arg(long, default_value_t = 250, env = "TRADEID_TIMEOUT_MS")]
-    pub timeout_ms: u64,
-    /// Attempts per server before failing over.
-    #[arg(long, default_value_t = 3, env = "TRADEID_ATTEMPTS")]
-    pub attempts: u32,
-    /// The most IDs per request.
-    #[arg(long, default_value_t = DEFAULT_MAX_BATCH, env = "TRADEID_MAX_BATCH")]
-    pub max_batch: u16,
-}
-
-/// Runs `tradeid get`.
-pub fn run_get(args: GetArgs) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut servers = Vec::new();
-    for s in &args.servers {
-        let addr = s
-            .to_socket_addrs()
-            .map_err(|e| crate::ConfigError(format!("--server {s:?} is not HOST:PORT: {e}")))?
-            .next()
-            .ok_or_else(|| crate::ConfigError(format!("--server {s:?} resolves to no address")))?;
-        servers.push(addr);
-    }
-    let config = ClientConfig {
-        timeout: Duration::from_millis(args.timeout_ms),
-        attempts: args.attempts,
-        max_batch: args.max_batch,
-        ..ClientConfig::new(servers)
-    };
-    let mut client = Client::new(config)?;
-    let ids = client.get(args.count).map_err(|e| match e {
-        ClientError::Exhausted => anyhow::Error::new(crate::Exhausted),
-        ClientError::Timeout { .. } => anyhow::Error::new(crate::Unreachable(e.to_string())),
-        e => anyhow::Error::new(e),
-    })?;
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
-    for id in ids {
-        writeln!(out, "{id}")?;
-    }
-    out.flush()?;
-    Ok(())
-}
 
 #[cfg(test)]
 mod tests {

@@ -30,8 +30,8 @@ pub enum Decision {
     },
     /// Reply with this error.
     Error(ErrorCode),
-    /// Send nothing (replying to garbage would make us a reflector).
-    Drop(DropReason),
+    /// Send nothing.
+    Drop(Malformed),
 }
 
 /// Error replies. The numbers echo HTTP's where one fits.
@@ -49,46 +49,14 @@ pub enum ErrorCode {
     Exhausted,
 }
 
-/// Why a datagram got no reply at all.
+/// Why a datagram is not a request at all (it gets no reply: answering
+/// garbage would make the server a reflector).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum DropReason {
+pub enum Malformed {
     /// Shorter than 8 bytes.
     Short,
     /// Does not start with the magic.
     BadMagic,
-    /// From port 0, a broadcast or a multicast address.
-    BadSource,
-    /// From a source outside the allowlist.
-    NotAllowed,
-    /// Over the per-prefix rate limit.
-    RateLimited,
-}
-
-impl DropReason {
-    /// Every reason, in metrics order.
-    pub const ALL: [DropReason; 5] = [
-        DropReason::Short,
-        DropReason::BadMagic,
-        DropReason::BadSource,
-        DropReason::NotAllowed,
-        DropReason::RateLimited,
-    ];
-
-    /// Position in [`DropReason::ALL`] (declaration order), for counters.
-    pub fn index(self) -> usize {
-        self as usize
-    }
-
-    /// The metrics label.
-    pub fn label(self) -> &'static str {
-        match self {
-            DropReason::Short => "short",
-            DropReason::BadMagic => "bad_magic",
-            DropReason::BadSource => "bad_source",
-            DropReason::NotAllowed => "not_allowed",
-            DropReason::RateLimited => "rate_limited",
-        }
-    }
 }
 
 impl ErrorCode {
@@ -136,10 +104,10 @@ impl ErrorCode {
 /// version (505), opcode (400) and count (413). A count of 0 means 1.
 pub fn decode(datagram: &[u8], max_batch: u16) -> Decision {
     let Some(request) = datagram.first_chunk::<REQUEST_LEN>() else {
-        return Decision::Drop(DropReason::Short);
+        return Decision::Drop(Malformed::Short);
     };
     if request[0..2] != MAGIC {
-        return Decision::Drop(DropReason::BadMagic);
+        return Decision::Drop(Malformed::BadMagic);
     }
     if request[2] != VERSION {
         return Decision::Error(ErrorCode::BadVersion);
@@ -202,9 +170,9 @@ mod tests {
 
     #[test]
     fn garbage_is_dropped_and_bad_fields_get_errors() {
-        assert_eq!(decode(&[], 175), Decision::Drop(DropReason::Short));
-        assert_eq!(decode(b"ID\x01\x01\x00\x01\x00", 175), Decision::Drop(DropReason::Short));
-        assert_eq!(decode(b"XD\x01\x01\x00\x01\x00\x00", 175), Decision::Drop(DropReason::BadMagic));
+        assert_eq!(decode(&[], 175), Decision::Drop(Malformed::Short));
+        assert_eq!(decode(b"ID\x01\x01\x00\x01\x00", 175), Decision::Drop(Malformed::Short));
+        assert_eq!(decode(b"XD\x01\x01\x00\x01\x00\x00", 175), Decision::Drop(Malformed::BadMagic));
         assert_eq!(decode(b"ID\x02\x01\x00\x01\x00\x00", 175), Decision::Error(ErrorCode::BadVersion));
         assert_eq!(decode(b"ID\x01\x07\x00\x01\x00\x00", 175), Decision::Error(ErrorCode::UnknownOpcode));
         // Reserved bytes and padding are ignored.
@@ -215,9 +183,6 @@ mod tests {
     fn counter_indices_follow_the_all_lists() {
         for (i, code) in ErrorCode::ALL.into_iter().enumerate() {
             assert_eq!(code.index(), i);
-        }
-        for (i, reason) in DropReason::ALL.into_iter().enumerate() {
-            assert_eq!(reason.index(), i);
         }
     }
 

@@ -1,129 +1,31 @@
-//! The command line: clap definitions and the offline commands (`init`,
-//! `gen`, `inspect`, `decode`). `serve` and `get` live in their own modules;
-//! this one only parses and dispatches.
-//!
-//! Every flag has a `TRADEID_*` environment fallback so a systemd drop-in can
-//! set it.
+//! The commands: `serve` starts the data and control planes; the others
+//! (`keygen`, `init`, `gen`, `inspect`, `decode`, `get`) are short offline
+//! jobs. Each takes its parsed flags and returns an error for `main` to
+//! print once.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::net::ToSocketAddrs;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::{Args, Parser, Subcommand};
+use tradeid::client::{Client, ClientConfig, ClientError};
+use tradeid::id::{Id, ID_LEN};
+use tradeid::keyfile::SpaceKey;
+use tradeid::state::{self, Geometry, Header, Snapshot, StateError, Store};
+use tradeid::{GenError, Generator, GeneratorConfig};
 
-use crate::alloc::{GenError, Generator, GeneratorConfig};
-use crate::id::{Id, ID_LEN};
-use crate::keyfile::SpaceKey;
-use crate::state::{self, Geometry, Header, Snapshot, Store};
-
-/// Unique 7-character trade IDs, served over UDP.
-#[derive(Debug, Parser)]
-#[command(name = "tradeid", version, about, propagate_version = true)]
-pub struct Cli {
-    /// What to do.
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-/// The subcommands.
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Create a key file for a new multi-node ID space (copy it to every node).
-    Keygen(KeygenArgs),
-    /// Create a new state file (once per ID space; never overwrites).
-    Init(InitArgs),
-    /// Serve IDs over UDP.
-    Serve(Box<crate::server::ServeArgs>),
-    /// Fetch IDs from running servers.
-    Get(crate::client::GetArgs),
-    /// Generate IDs in-process and print them, one per line.
-    Gen(GenArgs),
-    /// Show a state file's geometry, usage and waste bound (works while serving).
-    Inspect(InspectArgs),
-    /// Decode an ID back to its counter and shard (for support).
-    Decode(DecodeArgs),
-}
-
-/// `tradeid init`.
-#[derive(Debug, Args)]
-pub struct InitArgs {
-    /// The state file to create; repeat to create mirrors on other disks.
-    #[arg(long = "state", required = true, env = "TRADEID_STATE", value_delimiter = ',')]
-    pub state: Vec<PathBuf>,
-    /// This node's index in 0..NODES (for several machines sharing one space).
-    #[arg(long, default_value_t = 0, env = "TRADEID_NODE")]
-    pub node: u32,
-    /// How many nodes share the ID space.
-    #[arg(long, default_value_t = 1, env = "TRADEID_NODES")]
-    pub nodes: u32,
-    /// Hand out IDs in counter order (no permutation).
-    #[arg(long, env = "TRADEID_SEQUENTIAL")]
-    pub sequential: bool,
-    /// The key file of a multi-node ID space (from `tradeid keygen`): every
-    /// node of the space must be created from the same key file.
-    #[arg(long, env = "TRADEID_KEY_FILE", conflicts_with = "sequential")]
-    pub key_file: Option<PathBuf>,
-    /// Counter width in bits (for tests: small spaces) [default: 35, or the key file's].
-    #[arg(long, hide = true, env = "TRADEID_WIDTH")]
-    pub width: Option<u32>,
-    /// log2 of the shard size (for tests: small shards) [default: 22, or the key file's].
-    #[arg(long, hide = true, env = "TRADEID_SHARD_BITS")]
-    pub shard_bits: Option<u32>,
-}
-
-/// `tradeid keygen`.
-#[derive(Debug, Args)]
-pub struct KeygenArgs {
-    /// Where to write the new key (mode 0600; never overwrites).
-    #[arg(long, env = "TRADEID_KEY_FILE")]
-    pub out: PathBuf,
-    /// Counter width in bits (for tests: small spaces).
-    #[arg(long, default_value_t = Geometry::DEFAULT.width, hide = true, env = "TRADEID_WIDTH")]
-    pub width: u32,
-    /// log2 of the shard size (for tests: small shards).
-    #[arg(long, default_value_t = Geometry::DEFAULT.shard_bits, hide = true, env = "TRADEID_SHARD_BITS")]
-    pub shard_bits: u32,
-}
-
-/// `tradeid gen`.
-#[derive(Debug, Args)]
-pub struct GenArgs {
-    /// The state file (and mirrors).
-    #[arg(long = "state", required = true, env = "TRADEID_STATE", value_delimiter = ',')]
-    pub state: Vec<PathBuf>,
-    /// How many IDs to print.
-    #[arg(short = 'n', long = "count", default_value_t = 1, env = "TRADEID_COUNT")]
-    pub count: u64,
-}
-
-/// `tradeid inspect`.
-#[derive(Debug, Args)]
-pub struct InspectArgs {
-    /// The state file.
-    #[arg(long, env = "TRADEID_STATE")]
-    pub state: PathBuf,
-    /// The largest block size the server uses (for the waste bound).
-    #[arg(long, default_value_t = GeneratorConfig::default().block_max, env = "TRADEID_BLOCK_MAX")]
-    pub block_max: u64,
-}
-
-/// `tradeid decode`.
-#[derive(Debug, Args)]
-pub struct DecodeArgs {
-    /// The state file whose key made the ID.
-    #[arg(long, env = "TRADEID_STATE")]
-    pub state: PathBuf,
-    /// The ID, as typed (case, hyphens, spaces, O/I/L are forgiven).
-    pub id: String,
-}
+use crate::config::ServeConfig;
+use crate::exit::{ConfigError, Exhausted, Unreachable};
+use crate::flags::{Cli, Command, DecodeArgs, GenArgs, GetArgs, InitArgs, InspectArgs, KeygenArgs, ServeArgs};
+use crate::{control, dataplane};
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Keygen(args) => keygen(args),
         Command::Init(args) => init(args),
-        Command::Serve(args) => crate::server::run(*args),
-        Command::Get(args) => crate::client::run_get(args),
+        Command::Serve(args) => serve(&args),
+        Command::Get(args) => get(args),
         Command::Gen(args) => gen(args),
         Command::Inspect(args) => inspect(args),
         Command::Decode(args) => decode(args),
@@ -133,7 +35,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
     let geometry = Geometry { width: args.width, shard_bits: args.shard_bits, node: 0, nodes: 1 };
     if let Err(reason) = geometry.validate() {
-        bail!(crate::ConfigError(format!("invalid --width/--shard-bits: {reason}")));
+        bail!(ConfigError(format!("invalid --width/--shard-bits: {reason}")));
     }
     let key =
         SpaceKey::generate(args.width, args.shard_bits).context("cannot read the OS random source for the key")?;
@@ -149,7 +51,7 @@ fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
 fn init(args: InitArgs) -> anyhow::Result<()> {
     let space = args.key_file.as_deref().map(SpaceKey::read).transpose()?;
     if space.is_none() && args.nodes > 1 && !args.sequential {
-        bail!(crate::ConfigError(format!(
+        bail!(ConfigError(format!(
             "--nodes {} needs a shared key (--key-file): every node of one ID space must permute counters with the \
              same key, or their IDs collide even though their counters never do. Create the key once, copy the \
              file to every node, and create each node's state from it:\n  \
@@ -160,7 +62,7 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
     }
     let from_key = |flag: &str, given: Option<u32>, in_key: Option<u32>, default: u32| {
         match (given, in_key) {
-        (Some(g), Some(k)) if g != k => Err(crate::ConfigError(format!(
+        (Some(g), Some(k)) if g != k => Err(ConfigError(format!(
             "--{flag} {g} differs from the key file's {flag} {k}; every node of a space uses the key's geometry (leave --{flag} out)"
         ))),
         (given, in_key) => Ok(given.or(in_key).unwrap_or(default)),
@@ -171,7 +73,7 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
         from_key("shard-bits", args.shard_bits, space.map(|k| k.shard_bits), Geometry::DEFAULT.shard_bits)?;
     let geometry = Geometry { width, shard_bits, node: args.node, nodes: args.nodes };
     if let Err(reason) = geometry.validate() {
-        bail!(crate::ConfigError(format!("invalid --node/--nodes/--width/--shard-bits: {reason}")));
+        bail!(ConfigError(format!("invalid --node/--nodes/--width/--shard-bits: {reason}")));
     }
     let header = match space {
         Some(space) => Header::with_key(geometry, false, space.key),
@@ -222,7 +124,7 @@ fn gen(args: GenArgs) -> anyhow::Result<()> {
 
 fn gen_error(e: GenError) -> anyhow::Error {
     match e {
-        GenError::Exhausted => anyhow::anyhow!(crate::Exhausted),
+        GenError::Exhausted => anyhow::anyhow!(Exhausted),
         e => anyhow::Error::new(e),
     }
 }
@@ -266,7 +168,7 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     }
     println!(
         "waste/restart  at most {} IDs per worker (2 blocks of --block-max {})",
-        crate::alloc::max_waste_per_restart(args.block_max, 1),
+        tradeid::generator::max_waste_per_restart(args.block_max, 1),
         args.block_max
     );
     if !snap.fell_back.is_empty() {
@@ -280,11 +182,11 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
 }
 
 fn decode(args: DecodeArgs) -> anyhow::Result<()> {
-    let id = Id::parse(&args.id).map_err(|e| crate::ConfigError(format!("{:?} is not an ID: {e}", args.id)))?;
+    let id = Id::parse(&args.id).map_err(|e| ConfigError(format!("{:?} is not an ID: {e}", args.id)))?;
     let snap = Snapshot::read(&args.state)?;
     let g = snap.header.geometry;
     if id.value() >> g.width != 0 {
-        bail!(crate::ConfigError(format!(
+        bail!(ConfigError(format!(
             "{id} is outside this state file's 2^{} space; it was not issued from {}",
             g.width,
             args.state.display()
@@ -302,5 +204,74 @@ fn decode(args: DecodeArgs) -> anyhow::Result<()> {
         "status   {}",
         if issued { "below the shard's mark: may have been issued" } else { "above the shard's mark: never issued" }
     );
+    Ok(())
+}
+
+/// `tradeid serve`: validate, then run the data plane under the control
+/// plane until a signal.
+fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    let config = ServeConfig::from_args(args, control::systemd::watchdog_interval())?;
+    if args.check_config {
+        return check_config(&config);
+    }
+    let server = dataplane::Server::start(&config.data)?;
+    control::run(server, config.control)
+}
+
+/// `serve --check-config`: validate the state without taking its lock, so
+/// this works next to a running server.
+fn check_config(config: &ServeConfig) -> anyhow::Result<()> {
+    let data = &config.data;
+    for path in &data.state {
+        match state::Snapshot::read(path) {
+            Ok(snap) => {
+                if let Some((node, nodes)) = data.partition {
+                    snap.header.check_partition(path, node, nodes)?;
+                }
+                snap.header.check_servable(path)?;
+            }
+            Err(StateError::NotFound { .. }) if data.create => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    println!(
+        "configuration OK: {} worker(s) on {}, state {:?}, max batch {}",
+        data.worker_cpus.len(),
+        data.listen,
+        data.state,
+        data.max_batch
+    );
+    Ok(())
+}
+
+/// `tradeid get`: fetch IDs from running servers.
+fn get(args: GetArgs) -> anyhow::Result<()> {
+    let mut servers = Vec::new();
+    for s in &args.servers {
+        let addr = s
+            .to_socket_addrs()
+            .map_err(|e| ConfigError(format!("--server {s:?} is not HOST:PORT: {e}")))?
+            .next()
+            .ok_or_else(|| ConfigError(format!("--server {s:?} resolves to no address")))?;
+        servers.push(addr);
+    }
+    let config = ClientConfig {
+        timeout: Duration::from_millis(args.timeout_ms),
+        attempts: args.attempts,
+        max_batch: args.max_batch,
+        ..ClientConfig::new(servers)
+    };
+    let mut client = Client::new(config)?;
+    let ids = client.get(args.count).map_err(|e| match e {
+        ClientError::Exhausted => anyhow::Error::new(Exhausted),
+        ClientError::Timeout { .. } => anyhow::Error::new(Unreachable(e.to_string())),
+        e => anyhow::Error::new(e),
+    })?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    for id in ids {
+        writeln!(out, "{id}")?;
+    }
+    out.flush()?;
     Ok(())
 }

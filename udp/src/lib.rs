@@ -1,6 +1,7 @@
-//! Sockets and batched datagram I/O: building SO_REUSEPORT sockets with
+//! Batched UDP for tradeid: building SO_REUSEPORT socket groups with
 //! socket2, and `recvmmsg`/`sendmmsg` over buffers allocated once per
-//! worker. Holds the crate's only syscall `unsafe`.
+//! thread. This crate holds the project's only syscall `unsafe`; the server's
+//! workers and the load generator both build on it.
 //!
 //! Nothing here allocates, logs or returns an error per datagram: a send that
 //! fails is counted and skipped. Only errors that mean the socket itself is
@@ -72,18 +73,6 @@ fn bind_one(addr: SocketAddr, options: &SocketOptions) -> io::Result<(UdpSocket,
     Ok((socket.into(), granted))
 }
 
-/// An ephemeral socket of `target`'s address family, connected to it (so
-/// the kernel drops datagrams from any other source).
-pub fn connect_udp(target: SocketAddr) -> io::Result<UdpSocket> {
-    let any: SocketAddr = match target {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    let socket = UdpSocket::bind(any)?;
-    socket.connect(target)?;
-    Ok(socket)
-}
-
 /// Steers each datagram to the socket whose index equals the CPU it arrived
 /// on, modulo the group size (`SO_ATTACH_REUSEPORT_CBPF`, "ld cpu; mod n").
 /// Set on any one socket of the group; applies to the whole group.
@@ -118,14 +107,15 @@ pub fn attach_cpu_steering(socket: &UdpSocket, group_size: u32) -> io::Result<()
     }
 }
 
-/// Whether a socket error means the socket itself is unusable. These can
-/// only come from a bug (a closed or wrong descriptor, a bad pointer), never
-/// from traffic, so they end the worker. Everything else (ENOBUFS, EPERM
-/// from a firewall, unreachable destinations, ...) can be provoked from
-/// outside and is counted instead: ending the worker on it would hand an
-/// attacker a kill switch.
+/// Whether a socket error means the socket itself is unusable: the one list
+/// both directions use. These can only come from a bug (a closed or wrong
+/// descriptor, a bad pointer), never from traffic, so they end the worker.
+/// Everything else (ENOBUFS, EPERM from a firewall, unreachable or invalid
+/// destinations, ...) can be provoked from outside and is counted instead:
+/// ending the worker on it would hand an attacker a kill switch. EINVAL is
+/// left out for that reason: on a send it can depend on the destination.
 pub fn is_fatal(err: &io::Error) -> bool {
-    matches!(err.raw_os_error(), Some(libc::EBADF | libc::ENOTSOCK | libc::EFAULT | libc::EINVAL))
+    matches!(err.raw_os_error(), Some(libc::EBADF | libc::ENOTSOCK | libc::EFAULT))
 }
 
 /// Whether to block for the first datagram.
@@ -256,12 +246,14 @@ impl RecvBatch {
 }
 
 /// Send side of a worker: `BATCH` reply buffers of `slot_len` bytes each,
-/// addressed to the sources of a [`RecvBatch`].
+/// each with its own destination address (copied from the [`RecvBatch`]
+/// entry it answers, or none on a connected socket).
 pub struct SendBatch {
     bufs: Box<[u8]>,
     slot_len: usize,
     lens: [usize; BATCH],
-    sources: [usize; BATCH],
+    addrs: Box<[libc::sockaddr_storage]>,
+    addr_lens: [libc::socklen_t; BATCH],
     queued: usize,
     iovs: Box<[libc::iovec]>,
     hdrs: Box<[libc::mmsghdr]>,
@@ -270,10 +262,13 @@ pub struct SendBatch {
 /// What one [`SendBatch::send`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SendOutcome {
-    /// Replies the kernel accepted.
+    /// Datagrams the kernel accepted.
     pub sent: usize,
-    /// Replies that failed and were skipped.
+    /// Datagrams that failed and were skipped.
     pub failed: usize,
+    /// The OS error number of the last failure, if any (for a rate-limited
+    /// log line; the hot path only counts).
+    pub last_errno: Option<i32>,
 }
 
 impl SendBatch {
@@ -283,47 +278,80 @@ impl SendBatch {
             bufs: vec![0u8; slot_len * BATCH].into_boxed_slice(),
             slot_len,
             lens: [0; BATCH],
-            sources: [0; BATCH],
+            // SAFETY: sockaddr_storage, iovec and mmsghdr are plain C structs
+            // for which all-zero bytes are a valid (empty) value.
+            addrs: (0..BATCH).map(|_| unsafe { zeroed() }).collect(),
+            addr_lens: [0; BATCH],
             queued: 0,
-            // SAFETY: all-zero iovec and mmsghdr are valid empty values.
+            // SAFETY: as above.
             iovs: (0..BATCH).map(|_| unsafe { zeroed() }).collect(),
             // SAFETY: as above.
             hdrs: (0..BATCH).map(|_| unsafe { zeroed() }).collect(),
         }
     }
 
-    /// The buffer for the next reply. Write into it, then [`queue`](Self::queue).
+    /// The buffer for the next datagram. Write into it, then queue it.
     #[inline]
     pub fn next_buffer(&mut self) -> &mut [u8] {
         let start = self.queued * self.slot_len;
         &mut self.bufs[start..start + self.slot_len]
     }
 
-    /// Queues the next reply: its first `len` bytes go to the source of
-    /// datagram `source` of the receive batch passed to `send`.
+    /// Whether all `BATCH` slots are queued.
     #[inline]
-    pub fn queue(&mut self, len: usize, source: usize) {
-        debug_assert!(len <= self.slot_len && source < BATCH);
+    pub fn is_full(&self) -> bool {
+        self.queued == BATCH
+    }
+
+    /// Queues the next datagram's first `len` bytes as the reply to
+    /// datagram `i` of `rx` (its source address is copied).
+    #[inline]
+    pub fn queue_reply(&mut self, len: usize, rx: &RecvBatch, i: usize) {
+        debug_assert!(len <= self.slot_len && i < BATCH && !self.is_full());
+        let name_len = (rx.hdrs[i].msg_hdr.msg_namelen as usize).min(size_of::<libc::sockaddr_storage>());
+        // Only the bytes the kernel wrote (16 for IPv4, 28 for IPv6).
+        // SAFETY: both are sockaddr_storage; `name_len` is at most its size;
+        // they are different allocations, so they do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (&rx.addrs[i] as *const libc::sockaddr_storage).cast::<u8>(),
+                (&mut self.addrs[self.queued] as *mut libc::sockaddr_storage).cast::<u8>(),
+                name_len,
+            );
+        }
+        self.addr_lens[self.queued] = name_len as libc::socklen_t;
         self.lens[self.queued] = len;
-        self.sources[self.queued] = source;
         self.queued += 1;
     }
 
-    /// Sends every queued reply, then empties the queue. Replies that fail
-    /// are skipped and counted; a fatal socket error is returned.
-    pub fn send(&mut self, socket: &UdpSocket, rx: &RecvBatch) -> io::Result<SendOutcome> {
+    /// Queues the next datagram's first `len` bytes for a connected
+    /// socket's peer.
+    #[inline]
+    pub fn queue_to_peer(&mut self, len: usize) {
+        debug_assert!(len <= self.slot_len && !self.is_full());
+        self.addr_lens[self.queued] = 0;
+        self.lens[self.queued] = len;
+        self.queued += 1;
+    }
+
+    /// Sends every queued datagram, then empties the queue. Datagrams that
+    /// fail are skipped and counted; a fatal socket error (see
+    /// [`is_fatal`]) is returned.
+    pub fn send(&mut self, socket: &UdpSocket) -> io::Result<SendOutcome> {
         let count = std::mem::take(&mut self.queued);
         let mut outcome = SendOutcome::default();
-        // Reply j's iovec covers its slot's first lens[j] bytes; its name is
-        // the receive batch's address for the datagram it answers, with the
-        // length the kernel reported.
+        // Datagram j's iovec covers its slot's first lens[j] bytes; its name
+        // is its own copied address (none for a connected socket).
         for j in 0..count {
             let start = j * self.slot_len;
             self.iovs[j] = libc::iovec { iov_base: self.bufs[start..].as_mut_ptr().cast(), iov_len: self.lens[j] };
-            let src = &rx.hdrs[self.sources[j]].msg_hdr;
             let hdr = &mut self.hdrs[j].msg_hdr;
-            hdr.msg_name = src.msg_name;
-            hdr.msg_namelen = src.msg_namelen;
+            hdr.msg_name = if self.addr_lens[j] == 0 {
+                std::ptr::null_mut()
+            } else {
+                (&mut self.addrs[j] as *mut libc::sockaddr_storage).cast()
+            };
+            hdr.msg_namelen = self.addr_lens[j];
             hdr.msg_iov = &mut self.iovs[j];
             hdr.msg_iovlen = 1;
             hdr.msg_control = std::ptr::null_mut();
@@ -332,9 +360,9 @@ impl SendBatch {
         }
         let mut next = 0;
         while next < count {
-            // SAFETY: headers next..count point at our own buffers and at the
-            // address buffers of `rx`, all borrowed for the whole call, with
-            // lengths set above. The kernel only reads them.
+            // SAFETY: headers next..count point at buffers and addresses owned
+            // by `self` (borrowed mutably for the whole call), with lengths
+            // set above. The kernel only reads them.
             let n =
                 unsafe { libc::sendmmsg(socket.as_raw_fd(), self.hdrs[next..].as_mut_ptr(), (count - next) as u32, 0) };
             if n > 0 {
@@ -343,86 +371,18 @@ impl SendBatch {
                 continue;
             }
             let err = io::Error::last_os_error();
-            match err.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EBADF | libc::ENOTSOCK | libc::EFAULT) => return Err(err),
-                _ => {
-                    // This reply cannot go (unreachable, firewalled, no buffer
-                    // space, a bad destination): skip it, keep the others.
-                    next += 1;
-                    outcome.failed += 1;
-                }
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
             }
+            if is_fatal(&err) {
+                return Err(err);
+            }
+            // This datagram cannot go (unreachable, firewalled, no buffer
+            // space, a bad destination): skip it, keep the others.
+            next += 1;
+            outcome.failed += 1;
+            outcome.last_errno = err.raw_os_error();
         }
         Ok(outcome)
     }
-}
-
-/// Pins the calling thread to `cpu`.
-pub fn pin_current_thread(cpu: usize) -> bool {
-    core_affinity::set_for_current(core_affinity::CoreId { id: cpu })
-}
-
-/// The CPUs this process may run on (its affinity mask).
-pub fn allowed_cpus() -> Vec<usize> {
-    core_affinity::get_core_ids().unwrap_or_default().into_iter().map(|c| c.id).collect()
-}
-
-/// Sends `datagram` `copies` times on a connected socket with one
-/// `sendmmsg` per 64 copies (for load generators). Returns how many the
-/// kernel accepted; stops early (without error) when the socket buffer is
-/// full on a non-blocking socket.
-pub fn send_repeated(socket: &UdpSocket, datagram: &[u8], copies: usize) -> io::Result<usize> {
-    const CHUNK: usize = 64;
-    let mut iov = libc::iovec { iov_base: datagram.as_ptr() as *mut libc::c_void, iov_len: datagram.len() };
-    // SAFETY: all-zero mmsghdr is a valid empty value.
-    let mut hdrs: [libc::mmsghdr; CHUNK] = unsafe { zeroed() };
-    for hdr in hdrs.iter_mut() {
-        // Connected socket: no name. Every header shares the one iovec.
-        hdr.msg_hdr.msg_iov = &mut iov;
-        hdr.msg_hdr.msg_iovlen = 1;
-    }
-    let mut sent = 0;
-    while sent < copies {
-        let batch = (copies - sent).min(CHUNK);
-        // SAFETY: the headers and the iovec they point to live on this
-        // stack frame for the whole call; the iovec covers `datagram`,
-        // which the kernel only reads.
-        let n = unsafe { libc::sendmmsg(socket.as_raw_fd(), hdrs.as_mut_ptr(), batch as u32, 0) };
-        if n > 0 {
-            sent += n as usize;
-            continue;
-        }
-        let err = io::Error::last_os_error();
-        match err.kind() {
-            io::ErrorKind::Interrupted => continue,
-            io::ErrorKind::WouldBlock => break,
-            _ if sent > 0 => break,
-            _ => return Err(err),
-        }
-    }
-    Ok(sent)
-}
-
-/// Waits up to `timeout` until any of `sockets` is readable; returns a
-/// readiness flag per socket.
-pub fn poll_readable(sockets: &[&UdpSocket], timeout: Duration, ready: &mut Vec<bool>) -> io::Result<()> {
-    let mut fds: Vec<libc::pollfd> =
-        sockets.iter().map(|s| libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
-    let millis = timeout.as_millis().min(i32::MAX as u128) as i32;
-    loop {
-        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs that
-        // lives for the whole call.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, millis) };
-        if rc >= 0 {
-            break;
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
-    ready.clear();
-    ready.extend(fds.iter().map(|f| f.revents & (libc::POLLIN | libc::POLLERR) != 0));
-    Ok(())
 }

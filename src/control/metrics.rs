@@ -7,31 +7,32 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crossbeam::utils::CachePadded;
+use crossbeam_utils::CachePadded;
 
-use crate::alloc::{Generator, Handle};
-use crate::protocol::{DropReason, ErrorCode};
-use crate::server::Server;
-use crate::worker::{Counters, BATCH_BUCKETS};
+use tradeid::protocol::ErrorCode;
+use tradeid::respond::DropReason;
+use tradeid::{Generator, Handle};
 
-/// A read-only view of a running server for the control plane.
-pub struct Observer {
+use crate::dataplane::{Counters, BATCH_BUCKETS};
+
+/// A read-only view of a running data plane for the control plane.
+pub(crate) struct Observer {
     /// The generator (store, reservation stats).
-    pub generator: Arc<Generator>,
-    counters: Vec<Arc<CachePadded<Counters>>>,
+    pub(crate) generator: Arc<Generator>,
+    counters: Arc<[Arc<CachePadded<Counters>>]>,
     /// Largest batch, for `/ids`.
-    pub max_batch: u16,
+    pub(crate) max_batch: u16,
     /// The most IDs one restart can skip.
-    pub max_waste_per_restart: u64,
+    pub(crate) max_waste_per_restart: u64,
     started: Instant,
     /// Cleared when shutting down, for `/readyz`.
-    pub ready: AtomicBool,
+    pub(crate) ready: AtomicBool,
     rate: Mutex<RateSample>,
     /// IDs handed out over HTTP.
-    pub http_ids: AtomicU64,
+    pub(crate) http_ids: AtomicU64,
     /// The admin plane's own handle, created on the first HTTP ID request
     /// (so an unused admin listener wastes no IDs on restart).
-    pub http_handle: Mutex<Option<Handle>>,
+    pub(crate) http_handle: Mutex<Option<Handle>>,
 }
 
 struct RateSample {
@@ -41,14 +42,19 @@ struct RateSample {
 }
 
 impl Observer {
-    /// Observes `server`.
-    pub fn new(server: &Server) -> Observer {
-        let used = server.generator.store().used();
+    /// Observes a data plane through its generator and worker counters.
+    pub(crate) fn new(
+        generator: Arc<Generator>,
+        counters: Arc<[Arc<CachePadded<Counters>>]>,
+        max_batch: u16,
+        max_waste_per_restart: u64,
+    ) -> Observer {
+        let used = generator.store().used();
         Observer {
-            generator: Arc::clone(&server.generator),
-            counters: server.counters.clone(),
-            max_batch: server.config.max_batch,
-            max_waste_per_restart: server.config.max_waste_per_restart(),
+            generator,
+            counters,
+            max_batch,
+            max_waste_per_restart,
             started: Instant::now(),
             ready: AtomicBool::new(true),
             rate: Mutex::new(RateSample { at: Instant::now(), used, ids_per_second: 0.0 }),
@@ -58,25 +64,25 @@ impl Observer {
     }
 
     /// Every worker's heartbeat, in worker order.
-    pub fn heartbeats(&self) -> Vec<u64> {
+    pub(crate) fn heartbeats(&self) -> Vec<u64> {
         self.counters.iter().map(|c| c.heartbeat.load(Ordering::Relaxed)).collect()
     }
 
     /// IDs of the node's space consumed (reserved), and its capacity.
-    pub fn usage(&self) -> (u64, u64) {
+    pub(crate) fn usage(&self) -> (u64, u64) {
         let store = self.generator.store();
         (store.used(), store.header().geometry.node_capacity())
     }
 
     /// Fraction of the node's space consumed.
-    pub fn used_fraction(&self) -> f64 {
+    pub(crate) fn used_fraction(&self) -> f64 {
         let (used, capacity) = self.usage();
         used as f64 / capacity as f64
     }
 
     /// Updates the burn rate (IDs consumed per second, reservations
     /// included) from the marks. Call every few seconds.
-    pub fn sample_rate(&self) {
+    pub(crate) fn sample_rate(&self) {
         let (used, _) = self.usage();
         let mut sample = self.rate.lock().unwrap_or_else(|p| p.into_inner());
         let secs = sample.at.elapsed().as_secs_f64();
@@ -91,12 +97,12 @@ impl Observer {
     }
 
     /// IDs consumed per second, smoothed.
-    pub fn burn_rate(&self) -> f64 {
+    pub(crate) fn burn_rate(&self) -> f64 {
         self.rate.lock().unwrap_or_else(|p| p.into_inner()).ids_per_second
     }
 
     /// A one-line summary for systemd's STATUS=.
-    pub fn status_line(&self) -> String {
+    pub(crate) fn status_line(&self) -> String {
         let (used, capacity) = self.usage();
         let ids: u64 = self.counters.iter().map(|c| c.ids.load(Ordering::Relaxed)).sum();
         format!(
@@ -108,7 +114,7 @@ impl Observer {
     }
 
     /// Renders every metric in the Prometheus text format.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = String::with_capacity(8192);
         let c = &self.counters;
         let per_worker = |out: &mut String, name: &str, help: &str, get: &dyn Fn(&Counters) -> u64| {

@@ -19,12 +19,13 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::alloc::GenError;
-use crate::id::ID_LEN;
-use crate::stats::Observer;
+use tradeid::id::ID_LEN;
+use tradeid::GenError;
+
+use super::metrics::Observer;
 
 /// Every route, with its summary, as `/openapi.json` describes it.
-pub const ROUTES: [(&str, &str); 6] = [
+pub(crate) const ROUTES: [(&str, &str); 6] = [
     ("/metrics", "Prometheus metrics"),
     ("/healthz", "Liveness: the process is up"),
     ("/readyz", "Readiness: serving IDs"),
@@ -35,7 +36,7 @@ pub const ROUTES: [(&str, &str); 6] = [
 
 /// Binds the listener and serves it in the background; returns the bound
 /// address.
-pub async fn spawn(addr: SocketAddr, observer: Arc<Observer>) -> std::io::Result<SocketAddr> {
+pub(crate) async fn spawn(addr: SocketAddr, observer: Arc<Observer>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -104,7 +105,7 @@ fn no_query(query: &str) -> Option<Response<Full<Bytes>>> {
 }
 
 /// Parses `count=N` (the only parameter of /ids).
-pub fn parse_count(query: &str, max_batch: u16) -> Result<u16, String> {
+pub(crate) fn parse_count(query: &str, max_batch: u16) -> Result<u16, String> {
     let mut count = None;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
@@ -177,7 +178,7 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 }
 
 /// The OpenAPI 3 description, built from [`ROUTES`] so the two cannot drift.
-pub fn openapi(max_batch: u16) -> String {
+pub(crate) fn openapi(max_batch: u16) -> String {
     let mut paths = Vec::new();
     for (path, summary) in ROUTES {
         let params = if path == "/ids" {

@@ -1,0 +1,153 @@
+//! `serve` flags → a validated configuration ("parse, don't validate"):
+//! every check of a flag's value happens here, and every error names its
+//! flag. Nothing here reads the environment or exits; the caller passes in
+//! what systemd asked for.
+
+use std::time::Duration;
+
+use tradeid::policy::{self, SourcePolicy};
+use tradeid::protocol::MAX_BATCH_LIMIT;
+use tradeid::GeneratorConfig;
+use tradeid_udp::SocketOptions;
+
+use crate::exit::ConfigError;
+use crate::flags::ServeArgs;
+use crate::{control, dataplane};
+
+/// A validated `serve` configuration: one part per plane.
+#[derive(Debug, Clone)]
+pub(crate) struct ServeConfig {
+    /// What the data plane runs with.
+    pub(crate) data: dataplane::Config,
+    /// What the control plane runs with.
+    pub(crate) control: control::Config,
+}
+
+impl ServeConfig {
+    /// Validates the flags. `watchdog` is the systemd watchdog interval, if
+    /// any: workers must wake often enough to feed it.
+    pub(crate) fn from_args(args: &ServeArgs, watchdog: Option<Duration>) -> Result<ServeConfig, ConfigError> {
+        if !(1..=MAX_BATCH_LIMIT).contains(&args.max_batch) {
+            return Err(ConfigError(format!(
+                "--max-batch {} is out of range: it must be 1..={MAX_BATCH_LIMIT} (a reply must fit one UDP datagram)",
+                args.max_batch
+            )));
+        }
+        let allowed = dataplane::allowed_cpus();
+        let cpus: Vec<usize> = match &args.cpus {
+            Some(list) => parse_cpu_list(list)?,
+            None => allowed.clone(),
+        };
+        if let Some(bad) = cpus.iter().find(|c| !allowed.is_empty() && !allowed.contains(c)) {
+            return Err(ConfigError(format!(
+                "--cpus includes CPU {bad}, which is outside this process's affinity mask {allowed:?}"
+            )));
+        }
+        let workers = args.workers.unwrap_or(cpus.len().max(1));
+        if !(1..=1024).contains(&workers) {
+            return Err(ConfigError(format!("--workers {workers} is out of range: it must be 1..=1024")));
+        }
+        let worker_cpus =
+            (0..workers).map(|i| if cpus.is_empty() { None } else { Some(cpus[i % cpus.len()]) }).collect::<Vec<_>>();
+        if args.cpu_steering && worker_cpus.iter().enumerate().any(|(i, c)| *c != Some(i)) {
+            return Err(ConfigError(
+                "--cpu-steering needs worker i pinned to CPU i (use --cpus 0-N with as many workers as CPUs)".into(),
+            ));
+        }
+        let rate_limit = args.rate_limit.as_deref().map(parse_rate).transpose()?;
+        if args.block_max == 0 || args.block_max > 1 << 30 {
+            return Err(ConfigError(format!("--block-max {} is out of range: it must be 1..=2^30", args.block_max)));
+        }
+        let defaults = GeneratorConfig::default();
+        let data = dataplane::Config {
+            state: args.state.clone(),
+            create: args.create,
+            partition: args.node.zip(args.nodes),
+            listen: args.listen,
+            worker_cpus,
+            max_batch: args.max_batch,
+            policy: SourcePolicy {
+                allow: if args.allow.is_empty() { policy::default_allow() } else { args.allow.clone() },
+                trust: if args.trust.is_empty() { policy::default_trust() } else { args.trust.clone() },
+            },
+            rate_limit,
+            sockets: SocketOptions {
+                recv_buffer: args.recv_buffer,
+                send_buffer: args.send_buffer,
+                // Workers beat at least once per receive timeout; keep that
+                // well inside half a watchdog interval so an idle, healthy
+                // worker never looks stuck.
+                read_timeout: watchdog.map_or(dataplane::WORKER_WAKE, |w| {
+                    (w / 4).clamp(Duration::from_millis(1), dataplane::WORKER_WAKE)
+                }),
+            },
+            generator: GeneratorConfig {
+                block_max: args.block_max,
+                // A request then spans at most the current block and the
+                // prefetched one, so replies are full in steady state.
+                block_min: defaults.block_min.max(4 * u64::from(args.max_batch)).min(args.block_max),
+                abort_on_storage_error: true,
+                ..defaults
+            },
+            cpu_steering: args.cpu_steering,
+        };
+        let control = control::Config {
+            admin: args.admin,
+            max_batch: args.max_batch,
+            max_waste_per_restart: data.max_waste_per_restart(usize::from(args.admin.is_some())),
+            watchdog,
+        };
+        Ok(ServeConfig { data, control })
+    }
+}
+
+/// Parses "0,2,4-7" into CPU numbers.
+fn parse_cpu_list(list: &str) -> Result<Vec<usize>, ConfigError> {
+    let bad = || ConfigError(format!("--cpus {list:?} is not a CPU list; use a form like \"0,1\" or \"0-3\""));
+    let mut cpus = Vec::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                if a > b || b > 4095 {
+                    return Err(bad());
+                }
+                cpus.extend(a..=b);
+            }
+            None => cpus.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    if cpus.is_empty() {
+        return Err(bad());
+    }
+    Ok(cpus)
+}
+
+/// Parses "1000/s" (or a bare number) into requests per second.
+fn parse_rate(text: &str) -> Result<u32, ConfigError> {
+    let number = text.strip_suffix("/s").unwrap_or(text);
+    number.trim().parse::<u32>().ok().filter(|&n| n > 0).ok_or_else(|| {
+        ConfigError(format!("--rate-limit {text:?} is not a rate; use requests per second like \"1000/s\""))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("0,2,4-6").unwrap(), vec![0, 2, 4, 5, 6]);
+        assert!(parse_cpu_list("3-1").unwrap_err().0.contains("--cpus"));
+        assert!(parse_cpu_list("x").is_err());
+        assert!(parse_cpu_list("").is_err());
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("1000/s").unwrap(), 1000);
+        assert_eq!(parse_rate("5").unwrap(), 5);
+        assert!(parse_rate("0/s").unwrap_err().0.contains("--rate-limit"));
+        assert!(parse_rate("fast").is_err());
+    }
+}
