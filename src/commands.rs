@@ -130,7 +130,8 @@ fn gen_error(e: GenError) -> anyhow::Error {
 }
 
 fn inspect(args: InspectArgs) -> anyhow::Result<()> {
-    let snap = Snapshot::read(&args.state)?;
+    let path = &args.state[0];
+    let snap = Snapshot::read(path)?;
     let h = &snap.header;
     let g = h.geometry;
     let capacity = g.node_capacity();
@@ -138,7 +139,7 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     let in_use: Vec<u32> = g.node_shards().filter(|&s| (1..g.shard_size()).contains(&snap.marks[s as usize])).collect();
     let full = g.node_shards().filter(|&s| snap.marks[s as usize] == g.shard_size()).count();
     let pct = |n: u64| 100.0 * n as f64 / capacity as f64;
-    println!("state file     {}", args.state.display());
+    println!("state file     {}", path.display());
     println!("format         version 1, created at unix time {}", h.created_unix);
     println!(
         "ids            {}",
@@ -151,7 +152,7 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         if h.records_space_id { "" } else { " (derived; not recorded by the tradeid that made this file)" }
     );
     println!("partition      node {} of {} ({} shards)", g.node, g.nodes, g.node_shards().count());
-    if let Err(e) = h.check_servable(&args.state) {
+    if let Err(e) = h.check_servable(path) {
         println!("WARNING        {e}");
     }
     println!("used           {used} of {capacity} ({:.4}%)", pct(used));
@@ -178,18 +179,41 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             snap.fell_back
         );
     }
+    for mirror in &args.state[1..] {
+        println!("mirror         {}: {}", mirror.display(), compare_mirror(&snap, mirror));
+    }
     Ok(())
+}
+
+/// How a mirror stands against the first file (the server repairs a mirror
+/// that is behind when it opens them together).
+fn compare_mirror(first: &Snapshot, mirror: &std::path::Path) -> String {
+    let other = match Snapshot::read(mirror) {
+        Ok(other) => other,
+        Err(e) => return format!("unreadable: {e}"),
+    };
+    if other.header != first.header {
+        return "NOT a mirror of the first file (different header); never serve them together".into();
+    }
+    let behind = first.marks.iter().zip(&other.marks).filter(|(f, o)| o < f).count();
+    let ahead = first.marks.iter().zip(&other.marks).filter(|(f, o)| o > f).count();
+    match (behind, ahead) {
+        (0, 0) => "in step".into(),
+        _ => format!(
+            "{behind} shard(s) behind and {ahead} ahead of the first file; the next serve repairs the one behind"
+        ),
+    }
 }
 
 fn decode(args: DecodeArgs) -> anyhow::Result<()> {
     let id = Id::parse(&args.id).map_err(|e| ConfigError(format!("{:?} is not an ID: {e}", args.id)))?;
-    let snap = Snapshot::read(&args.state)?;
+    let snap = Snapshot::read(&args.state[0])?;
     let g = snap.header.geometry;
     if id.value() >> g.width != 0 {
         bail!(ConfigError(format!(
             "{id} is outside this state file's 2^{} space; it was not issued from {}",
             g.width,
-            args.state.display()
+            args.state[0].display()
         )));
     }
     let counter = snap.header.permutation().invert(id.value());

@@ -100,9 +100,10 @@ pub struct GenArgs {
 /// `tradeid inspect`.
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// The state file.
-    #[arg(long, env = "TRADEID_STATE")]
-    pub state: PathBuf,
+    /// The state file; with mirrors (repeated or comma-separated, as for
+    /// `serve`), each mirror is compared with the first.
+    #[arg(long = "state", required = true, env = "TRADEID_STATE", value_delimiter = ',')]
+    pub state: Vec<PathBuf>,
     /// The largest block size the server uses (for the waste bound).
     #[arg(long, default_value_t = GeneratorConfig::default().block_max, env = "TRADEID_BLOCK_MAX")]
     pub block_max: u64,
@@ -111,9 +112,10 @@ pub struct InspectArgs {
 /// `tradeid decode`.
 #[derive(Debug, Args)]
 pub struct DecodeArgs {
-    /// The state file whose key made the ID.
-    #[arg(long, env = "TRADEID_STATE")]
-    pub state: PathBuf,
+    /// The state file whose key made the ID (the first, if mirrors are
+    /// listed as for `serve`).
+    #[arg(long = "state", required = true, env = "TRADEID_STATE", value_delimiter = ',')]
+    pub state: Vec<PathBuf>,
     /// The ID, as typed (case, hyphens, spaces, O/I/L are forgiven).
     pub id: String,
 }

@@ -153,14 +153,6 @@ fn a_second_signal_exits_at_once_when_shutdown_is_stuck() {
     assert!(stderr.contains("second signal, exiting at once"), "{stderr}");
 }
 
-fn metric(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum()
-}
-
 #[test]
 fn metrics_move_as_the_server_serves() {
     let dir = tempfile::tempdir().unwrap();
@@ -189,16 +181,16 @@ fn metrics_move_as_the_server_serves() {
     }
     assert_eq!(exchange(daemon.addr, &request(500), Duration::from_secs(1)).unwrap(), b"!ERR413");
     let (_, after) = daemon.http_get("/metrics");
-    assert_eq!(metric(&after, "tradeid_ids_served_total") - metric(&before, "tradeid_ids_served_total"), 100.0);
-    assert_eq!(metric(&after, "tradeid_requests_total") - metric(&before, "tradeid_requests_total"), 10.0);
-    assert_eq!(metric(&after, "tradeid_errors_total{code=\"413\"}"), 1.0);
+    assert_eq!(metric_sum(&after, "tradeid_ids_served_total") - metric_sum(&before, "tradeid_ids_served_total"), 100.0);
+    assert_eq!(metric_sum(&after, "tradeid_requests_total") - metric_sum(&before, "tradeid_requests_total"), 10.0);
+    assert_eq!(metric_sum(&after, "tradeid_errors_total{code=\"413\"}"), 1.0);
     assert_eq!(
-        metric(&after, "tradeid_request_batch_size_bucket{le=\"16\"}")
-            - metric(&before, "tradeid_request_batch_size_bucket{le=\"16\"}"),
+        metric_sum(&after, "tradeid_request_batch_size_bucket{le=\"16\"}")
+            - metric_sum(&before, "tradeid_request_batch_size_bucket{le=\"16\"}"),
         10.0
     );
-    assert!(metric(&after, "tradeid_blocks_reserved_total") >= 2.0);
-    assert!(metric(&after, "tradeid_ids_remaining") < (1u64 << 35) as f64);
+    assert!(metric_sum(&after, "tradeid_blocks_reserved_total") >= 2.0);
+    assert!(metric_sum(&after, "tradeid_ids_remaining") < (1u64 << 35) as f64);
 }
 
 #[test]

@@ -145,6 +145,12 @@ impl Daemon {
     pub fn http_get(&self, path: &str) -> (u16, String) {
         http_get(self.admin.expect("daemon started with --admin"), path)
     }
+
+    /// The sum of the samples of `selector` in a fresh `/metrics` scrape
+    /// (see [`metric_sum`]).
+    pub fn metric(&self, selector: &str) -> f64 {
+        metric_sum(&self.http_get("/metrics").1, selector)
+    }
 }
 
 impl Drop for Daemon {
@@ -176,6 +182,21 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (status, body)
+}
+
+/// The sum of every sample in Prometheus text `metrics` whose series starts
+/// with `selector`: a bare name sums all its label sets (`tradeid_drops_total`),
+/// a name with labels picks one (`tradeid_drops_total{reason="short"}`).
+/// Comment lines are skipped; a line that does not parse fails the test.
+pub fn metric_sum(metrics: &str, selector: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(selector).is_some_and(|rest| rest.starts_with([' ', '{']) || selector.ends_with('}'))
+        })
+        .map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or_else(|| panic!("bad sample {l:?}")))
+        .sum()
 }
 
 /// An 8-byte NEXT request for `count` IDs.

@@ -14,11 +14,6 @@ use crate::harness::*;
 
 const SHORT: Duration = Duration::from_millis(300);
 
-fn metric(daemon: &Daemon, name: &str) -> u64 {
-    let (_, metrics) = daemon.http_get("/metrics");
-    metrics.lines().filter(|l| l.starts_with(name)).map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap()).sum()
-}
-
 #[test]
 fn sources_outside_the_allowlist_are_dropped_and_counted() {
     let dir = tempfile::tempdir().unwrap();
@@ -28,8 +23,8 @@ fn sources_outside_the_allowlist_are_dropped_and_counted() {
     for _ in 0..5 {
         assert!(exchange(daemon.addr, &request(1), Duration::from_millis(100)).is_none());
     }
-    assert_eq!(metric(&daemon, "tradeid_drops_total{reason=\"not_allowed\"}"), 5);
-    assert_eq!(metric(&daemon, "tradeid_ids_served_total"), 0);
+    assert_eq!(daemon.metric("tradeid_drops_total{reason=\"not_allowed\"}") as u64, 5);
+    assert_eq!(daemon.metric("tradeid_ids_served_total") as u64, 0);
 }
 
 #[test]
@@ -52,13 +47,17 @@ fn untrusted_sources_get_at_most_three_times_their_request() {
         let reply = exchange(daemon.addr, &padded, SHORT).unwrap();
         assert!(reply.len() <= 3 * padded.len() && reply.len() < 7 * usize::from(count));
     }
-    assert!(metric(&daemon, "tradeid_amplification_limited_total") >= 4);
+    assert!(daemon.metric("tradeid_amplification_limited_total") as u64 >= 4);
     // The client library pads by itself, so it gets whole batches.
     let mut client = Client::new(ClientConfig::new(vec![daemon.addr])).unwrap();
-    let before = metric(&daemon, "tradeid_amplification_limited_total");
+    let before = daemon.metric("tradeid_amplification_limited_total") as u64;
     let ids = client.get(175).unwrap();
     assert_eq!(ids.len(), 175);
-    assert_eq!(metric(&daemon, "tradeid_amplification_limited_total"), before, "the client's requests were padded");
+    assert_eq!(
+        daemon.metric("tradeid_amplification_limited_total") as u64,
+        before,
+        "the client's requests were padded"
+    );
 }
 
 #[test]
@@ -80,7 +79,7 @@ fn rate_limits_drop_floods_per_prefix() {
     let allowed = 50 + (started.elapsed().as_secs_f64() * 50.0).ceil() as u64 + 1;
     assert!(answered as u64 <= allowed, "{answered} answered, at most {allowed} allowed");
     assert!(answered >= 40, "only {answered} answered");
-    assert_eq!(metric(&daemon, "tradeid_drops_total{reason=\"rate_limited\"}"), 1000 - answered as u64);
+    assert_eq!(daemon.metric("tradeid_drops_total{reason=\"rate_limited\"}") as u64, 1000 - answered as u64);
 }
 
 /// Starts a server whose 3rd and later flushes fail (the first block and

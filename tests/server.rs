@@ -97,15 +97,8 @@ fn malformed_datagrams_get_no_reply_and_the_server_keeps_serving() {
         ids_of(&buf[..n]);
     }
     let (_, metrics) = daemon.http_get("/metrics");
-    let count = |label: &str| -> u64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(&format!("tradeid_drops_total{{reason=\"{label}\"}}")))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap()
-    };
-    assert_eq!(count("short"), 8);
-    assert_eq!(count("bad_magic"), 2);
+    assert_eq!(metric_sum(&metrics, "tradeid_drops_total{reason=\"short\"}"), 8.0);
+    assert_eq!(metric_sum(&metrics, "tradeid_drops_total{reason=\"bad_magic\"}"), 2.0);
 }
 
 #[test]

@@ -63,6 +63,13 @@ impl Observer {
         }
     }
 
+    /// Replies the kernel refused so far, and the OS error of the latest.
+    pub(crate) fn send_failures(&self) -> (u64, Option<i32>) {
+        let total = self.counters.iter().map(|c| c.send_failures.load(Ordering::Relaxed)).sum();
+        let errno = self.counters.iter().map(|c| c.last_send_errno.load(Ordering::Relaxed)).find(|&e| e != 0);
+        (total, errno.map(|e| e as i32))
+    }
+
     /// Every worker's heartbeat, in worker order.
     pub(crate) fn heartbeats(&self) -> Vec<u64> {
         self.counters.iter().map(|c| c.heartbeat.load(Ordering::Relaxed)).collect()

@@ -69,6 +69,7 @@ async fn control(server: Server, config: Config) -> anyhow::Result<()> {
     let mut ping = tokio::time::interval(watchdog.map_or(Duration::from_secs(86_400), |w| w / 2));
     let mut beats = observer.heartbeats();
     let mut capacity = CapacityAlarm::default();
+    let mut send_errors = SendErrorLog::default();
     let mut last_status = Instant::now();
     observer.sample_rate();
     let outcome = loop {
@@ -97,6 +98,7 @@ async fn control(server: Server, config: Config) -> anyhow::Result<()> {
                     break Err(anyhow::anyhow!("a worker thread stopped unexpectedly"));
                 }
                 capacity.check(observer.used_fraction());
+                send_errors.check(observer.send_failures());
                 if last_status.elapsed() >= Duration::from_secs(5) {
                     observer.sample_rate();
                     notifier.send(&format!("STATUS={}", observer.status_line()));
@@ -129,6 +131,33 @@ async fn control(server: Server, config: Config) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || workers.stop()).await.context("shutdown task")??;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Logs refused replies at most once a minute, with the latest OS error:
+/// the workers only count them (a log line per datagram could be provoked
+/// from outside).
+#[derive(Default)]
+struct SendErrorLog {
+    logged: u64,
+    at: Option<Instant>,
+}
+
+impl SendErrorLog {
+    const EVERY: Duration = Duration::from_secs(60);
+
+    fn check(&mut self, (total, errno): (u64, Option<i32>)) {
+        if total == self.logged || self.at.is_some_and(|at| at.elapsed() < Self::EVERY) {
+            return;
+        }
+        let error = errno.map_or_else(|| "unknown".to_string(), |e| std::io::Error::from_raw_os_error(e).to_string());
+        tracing::warn!(
+            refused = total - self.logged,
+            total,
+            "the kernel refused replies since the last report (latest error: {error}); check firewalls and the send buffer (--send-buffer)"
+        );
+        self.logged = total;
+        self.at = Some(Instant::now());
+    }
 }
 
 /// Logs once as usage crosses 50, 80, 90 and 99% of the node's space.

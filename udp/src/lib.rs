@@ -386,3 +386,83 @@ impl SendBatch {
         Ok(outcome)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options() -> SocketOptions {
+        SocketOptions { recv_buffer: 1 << 20, send_buffer: 1 << 20, read_timeout: Duration::from_millis(500) }
+    }
+
+    /// Replies go to the source of the datagram they answer, even after the
+    /// receive batch has been reused for the next round.
+    #[test]
+    fn replies_reach_their_own_sources() {
+        let (sockets, local, _) = bind_group("127.0.0.1:0".parse().unwrap(), 1, &options()).unwrap();
+        let clients: Vec<UdpSocket> = (0..5).map(|_| UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+        for (i, c) in clients.iter().enumerate() {
+            c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            c.send_to(&[i as u8; 9], local).unwrap();
+        }
+        let mut rx = RecvBatch::new();
+        let mut tx = SendBatch::new(16);
+        let mut got = 0;
+        while got < clients.len() {
+            let n = rx.recv(&sockets[0], Wait::ForOne).unwrap();
+            for i in 0..n {
+                let payload = rx.payload(i);
+                assert_eq!((payload.len(), rx.wire_len(i)), (9, 9));
+                let tag = payload[0];
+                assert_eq!(rx.source(i), Some(clients[usize::from(tag)].local_addr().unwrap()));
+                tx.next_buffer()[..3].copy_from_slice(&[tag, tag, tag]);
+                tx.queue_reply(3, &rx, i);
+            }
+            got += n;
+            // Clobber the receive batch before sending: the replies carry
+            // their own copies of the addresses.
+            rx = RecvBatch::new();
+            let outcome = tx.send(&sockets[0]).unwrap();
+            assert_eq!((outcome.sent, outcome.failed), (n, 0));
+        }
+        for (i, c) in clients.iter().enumerate() {
+            let mut buf = [0u8; 16];
+            let (len, from) = c.recv_from(&mut buf).unwrap();
+            assert_eq!((&buf[..len], from), (&[i as u8; 3][..], local));
+        }
+    }
+
+    #[test]
+    fn connected_sends_and_true_lengths_of_cut_datagrams() {
+        let (sockets, local, _) = bind_group("127.0.0.1:0".parse().unwrap(), 2, &options()).unwrap();
+        assert_eq!(sockets.len(), 2);
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.connect(local).unwrap();
+        let mut tx = SendBatch::new(RECV_SLOT + 100);
+        tx.next_buffer().fill(7);
+        tx.queue_to_peer(RECV_SLOT + 100);
+        assert_eq!(tx.send(&client).unwrap().sent, 1);
+        let mut rx = RecvBatch::new();
+        let mut n = 0;
+        for socket in sockets.iter().cycle().take(8) {
+            n = rx.recv(socket, Wait::No).unwrap();
+            if n > 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(n, 1);
+        assert_eq!(rx.payload(0).len(), RECV_SLOT, "kept bytes are capped");
+        assert_eq!(rx.wire_len(0), RECV_SLOT + 100, "the true length is reported");
+    }
+
+    #[test]
+    fn only_descriptor_bugs_are_fatal() {
+        for errno in [libc::EBADF, libc::ENOTSOCK, libc::EFAULT] {
+            assert!(is_fatal(&io::Error::from_raw_os_error(errno)));
+        }
+        for errno in [libc::EINVAL, libc::EPERM, libc::ENOBUFS, libc::ECONNREFUSED, libc::EAGAIN, libc::EHOSTUNREACH] {
+            assert!(!is_fatal(&io::Error::from_raw_os_error(errno)), "{errno}");
+        }
+    }
+}
