@@ -7,6 +7,7 @@ A/B/A/B, and reports the median of the repetitions and the ratio. Run from
 the repository root after `cargo build --release --workspace`:
 
     python3 perf/bench.py [--seconds 3] [--reps 3] [--only single,bulk,latency,rss,limits,steering]
+    python3 perf/bench.py --only builds --baseline-bin OTHER/tradeid --baseline-label "before X"
 
 Prints Markdown tables (the ones in perf.md).
 """
@@ -52,10 +53,11 @@ class Server:
             self.proc.wait()
 
 
-def tradeid(workers, extra=()):
+def tradeid(workers, extra=(), binary=None, init_extra=()):
+    binary = binary or TRADEID
     state = os.path.join(tempfile.mkdtemp(prefix="tradeid-bench-"), "state")
-    subprocess.run([TRADEID, "init", "--state", state], check=True, stdout=subprocess.DEVNULL)
-    return Server([TRADEID, "serve", "--state", state, "--listen", "127.0.0.1:0", "--workers", str(workers),
+    subprocess.run([binary, "init", "--state", state, *init_extra], check=True, stdout=subprocess.DEVNULL)
+    return Server([binary, "serve", "--state", state, "--listen", "127.0.0.1:0", "--workers", str(workers),
                    "--max-batch", "175", *extra])
 
 
@@ -84,6 +86,44 @@ def pair(make_a, make_b, seconds, reps, args_a, args_b):
             finally:
                 server.stop()
     return runs_a, runs_b
+
+
+def rotate(cases, seconds, reps):
+    """Runs every (name, make_server, loadgen_args) case in turn, `reps`
+    rounds (A/B/C/A/B/C...), and returns {name: [runs]}."""
+    runs = {name: [] for name, _, _ in cases}
+    for _ in range(reps):
+        for name, make, args in cases:
+            server = make()
+            try:
+                time.sleep(0.2)
+                runs[name].append(load(server, seconds, args))
+            finally:
+                server.stop()
+    return runs
+
+
+def builds(o):
+    """This build against another build of tradeid (--baseline-bin), each as
+    a ratio to the echo baseline, all three rotated in one run."""
+    if not o.baseline_bin:
+        sys.exit("--only builds needs --baseline-bin PATH (a tradeid binary built from another commit)")
+    print(f"\n### This build vs {o.baseline_label} (1 worker on CPU 1, loadgen on CPU 0, 4 sockets x 16)\n")
+    print(f"| workload | echo req/s | this build req/s | ratio to echo | {o.baseline_label} req/s | ratio to echo | this / {o.baseline_label} |")
+    print("|---|---|---|---|---|---|---|")
+    lg = ["--sockets", "4", "--window", "16", "--cpus", "0"]
+    pin = ["--cpus", "1"]
+    for batch in (1, 175):
+        hexreq = "49440101" + f"{batch:04x}" + "0000"
+        runs = rotate([
+            ("echo", lambda: echo(1, 7 * batch, "1"), lg + ["--request-hex", hexreq, "--reply-len", str(7 * batch)]),
+            ("this", lambda: tradeid(1, pin), lg + ["--batch", str(batch)]),
+            ("baseline", lambda: tradeid(1, pin, binary=o.baseline_bin), lg + ["--batch", str(batch)]),
+        ], o.seconds, o.reps)
+        e, t, b = (med(runs[k], "requests_per_second") for k in ("echo", "this", "baseline"))
+        name = "single ID" if batch == 1 else f"bulk {batch}"
+        print(f"| {name} | {e:,.0f} | {t:,.0f} | {t / e:.3f} | {b:,.0f} | {b / e:.3f} | {t / b:.3f} |")
+        sys.stdout.flush()
 
 
 def med(runs, key):
@@ -189,6 +229,8 @@ def main():
     p.add_argument("--seconds", type=float, default=3)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--only", default="single,bulk,latency,rss,limits,steering")
+    p.add_argument("--baseline-bin", help="for --only builds: a tradeid binary from another commit")
+    p.add_argument("--baseline-label", default="baseline", help="what to call --baseline-bin in the table")
     o = p.parse_args()
     for name in o.only.split(","):
         globals()[name](o)

@@ -18,7 +18,7 @@
 //! (partly used) and one prefetched block, so at most `2 × block_max` IDs per
 //! handle are skipped when the process dies.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -27,6 +27,7 @@ use crossbeam_channel::{self as channel, Receiver, Sender, TryRecvError};
 
 use crate::hooks::{self, TestHooks};
 use crate::id::{encode_word, Id, Permutation, ID_LEN};
+use crate::ledger::{Advance, Ledger, LedgerError, LocalLedger};
 use crate::state::{StateError, Store};
 
 /// Tuning of block reservation.
@@ -101,6 +102,11 @@ pub struct GenStats {
     pub flush_started_nanos: AtomicU64,
     /// Flush latency in microseconds.
     pub flush_micros: Mutex<Option<hdrhistogram::Histogram<u64>>>,
+    /// Times the ledger could not be reached (each retried after a backoff).
+    pub ledger_failures: AtomicU64,
+    /// Nanoseconds since `epoch` at which the ledger became unreachable, or
+    /// 0 while it answers.
+    pub ledger_down_since_nanos: AtomicU64,
 }
 
 struct Shared {
@@ -110,6 +116,9 @@ struct Shared {
     epoch: Instant,
     /// Handles alive; the generator joins the reserver on drop only at 0.
     live_handles: AtomicUsize,
+    /// Set when the generator is dropped: a reserver waiting for its ledger
+    /// gives up instead of retrying forever.
+    closing: AtomicBool,
 }
 
 enum Request {
@@ -131,13 +140,22 @@ struct Block {
 }
 
 impl Generator {
-    /// Starts the reserver for an opened store.
+    /// Starts the reserver for an opened store whose marks are the only
+    /// authority (a standalone node or one node of a static partition).
     pub fn new(store: Store, config: GeneratorConfig) -> Generator {
-        Generator::with_hooks(store, config, hooks::get().clone())
+        let ledger = LocalLedger::new(&store);
+        Generator::with_ledger(store, config, Box::new(ledger))
     }
 
-    /// As [`new`](Self::new), with faults injected (see [`hooks`]).
-    fn with_hooks(store: Store, config: GeneratorConfig, hooks: TestHooks) -> Generator {
+    /// Starts the reserver for a store whose blocks `ledger` must grant
+    /// first (a node of a cluster): a block is handed out only after the
+    /// ledger's [`advance`](Ledger::advance) and the local flush succeeded.
+    pub fn with_ledger(store: Store, config: GeneratorConfig, ledger: Box<dyn Ledger>) -> Generator {
+        Generator::with_hooks(store, config, ledger, hooks::get().clone())
+    }
+
+    /// As [`with_ledger`](Self::with_ledger), with faults injected (see [`hooks`]).
+    fn with_hooks(store: Store, config: GeneratorConfig, ledger: Box<dyn Ledger>, hooks: TestHooks) -> Generator {
         assert!(config.block_min >= 1 && config.block_min <= config.block_max);
         if let Some(n) = hooks.fail_flush_after {
             store.fail_flushes_after(n);
@@ -151,13 +169,14 @@ impl Generator {
             },
             epoch: Instant::now(),
             live_handles: AtomicUsize::new(0),
+            closing: AtomicBool::new(false),
         });
         let (requests, inbox) = channel::unbounded();
         let reserver = {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name("tradeid-reserver".into())
-                .spawn(move || Reserver::new(shared, config, hooks.flush_delay).run(inbox))
+                .spawn(move || Reserver::new(shared, config, ledger, hooks.flush_delay).run(inbox))
                 .expect("spawning the reserver thread")
         };
         Generator { shared, requests, reserver: Some(reserver), next_worker: AtomicUsize::new(0) }
@@ -198,7 +217,16 @@ impl Generator {
 
     /// How long the flush now in progress has been running, if any.
     pub fn flush_in_progress_for(&self) -> Option<Duration> {
-        let started = self.shared.stats.flush_started_nanos.load(Ordering::Acquire);
+        self.since(&self.shared.stats.flush_started_nanos)
+    }
+
+    /// How long the ledger has been unreachable, if it is.
+    pub fn ledger_down_for(&self) -> Option<Duration> {
+        self.since(&self.shared.stats.ledger_down_since_nanos)
+    }
+
+    fn since(&self, nanos: &AtomicU64) -> Option<Duration> {
+        let started = nanos.load(Ordering::Acquire);
         (started != 0).then(|| self.shared.epoch.elapsed().saturating_sub(Duration::from_nanos(started)))
     }
 }
@@ -214,9 +242,12 @@ impl Drop for Generator {
     /// handed out, so leaving it unfinished is as safe as a crash, and a
     /// stuck disk must not keep a stopping process alive.
     fn drop(&mut self) {
+        self.shared.closing.store(true, Ordering::Release);
         let (closed, _) = channel::unbounded();
         drop(std::mem::replace(&mut self.requests, closed));
-        let idle = self.shared.live_handles.load(Ordering::Acquire) == 0 && self.flush_in_progress_for().is_none();
+        let idle = self.shared.live_handles.load(Ordering::Acquire) == 0
+            && self.flush_in_progress_for().is_none()
+            && self.ledger_down_for().is_none();
         if idle {
             if let Some(reserver) = self.reserver.take() {
                 let _ = reserver.join();
@@ -350,6 +381,7 @@ const INITIAL_BLOCK_FACTOR: u64 = 64;
 struct Reserver {
     shared: Arc<Shared>,
     config: GeneratorConfig,
+    ledger: Box<dyn Ledger>,
     /// Test hook: sleep this long before every flush.
     flush_delay: Duration,
     /// Per shard: claimed by a live handle.
@@ -367,9 +399,17 @@ struct WorkerSlot {
 }
 
 impl Reserver {
-    fn new(shared: Arc<Shared>, config: GeneratorConfig, flush_delay: Duration) -> Reserver {
+    fn new(shared: Arc<Shared>, config: GeneratorConfig, ledger: Box<dyn Ledger>, flush_delay: Duration) -> Reserver {
         let shard_count = shared.store.header().geometry.shard_count() as usize;
-        Reserver { shared, config, flush_delay, claimed: vec![false; shard_count], workers: Vec::new(), failed: None }
+        Reserver {
+            shared,
+            config,
+            ledger,
+            flush_delay,
+            claimed: vec![false; shard_count],
+            workers: Vec::new(),
+            failed: None,
+        }
     }
 
     fn run(mut self, inbox: Receiver<Request>) {
@@ -390,6 +430,7 @@ impl Reserver {
                     if let Some(slot) = self.workers.get_mut(worker) {
                         if let Some(shard) = slot.shard.take() {
                             self.claimed[shard as usize] = false;
+                            self.ledger.release(shard);
                         }
                         slot.reply = None;
                     }
@@ -439,34 +480,81 @@ impl Reserver {
         }
     }
 
+    /// Reserves the next block for `worker`, waiting (with a capped
+    /// backoff) while the ledger is unreachable: the worker answers from the
+    /// blocks it holds meanwhile, and `!ERR503` once they are gone.
     fn reserve(&mut self, worker: usize) -> Result<Block, GenError> {
-        let geometry = self.shared.store.header().geometry;
-        let shard_size = geometry.shard_size();
+        let shared = Arc::clone(&self.shared);
+        let stats = &shared.stats;
+        let mut backoff = LEDGER_RETRY_MIN;
+        let mut last_logged: Option<Instant> = None;
+        loop {
+            match self.try_reserve(worker) {
+                Err(Retry::Ledger(e)) => {
+                    if shared.closing.load(Ordering::Acquire) {
+                        return Err(GenError::Closed);
+                    }
+                    stats.ledger_failures.fetch_add(1, Ordering::Relaxed);
+                    let now = shared.epoch.elapsed().as_nanos().max(1) as u64;
+                    let _ = stats.ledger_down_since_nanos.compare_exchange(0, now, Ordering::AcqRel, Ordering::Relaxed);
+                    if last_logged.is_none_or(|at| at.elapsed() >= LEDGER_LOG_EVERY) {
+                        tracing::warn!("cannot reserve a block: {e}; serving held blocks and retrying");
+                        last_logged = Some(Instant::now());
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(LEDGER_RETRY_MAX);
+                }
+                Err(Retry::Gen(e)) => return Err(e),
+                Ok(block) => {
+                    if stats.ledger_down_since_nanos.swap(0, Ordering::AcqRel) != 0 {
+                        tracing::info!("the ledger answers again; reservations resumed");
+                    }
+                    return Ok(block);
+                }
+            }
+        }
+    }
+
+    /// One attempt: claim a shard if the worker has none, have the ledger
+    /// grant a block of it, flush the block's end locally.
+    fn try_reserve(&mut self, worker: usize) -> Result<Block, Retry> {
+        let shard_size = self.shared.store.header().geometry.shard_size();
         loop {
             let shard = match self.workers[worker].shard {
                 Some(shard) => shard,
                 None => {
-                    let shard = self.pick_shard().ok_or(GenError::Exhausted)?;
+                    let shard = self
+                        .ledger
+                        .claim(&self.shared.store, &self.claimed)
+                        .map_err(Retry::Ledger)?
+                        .ok_or(Retry::Gen(GenError::Exhausted))?;
                     self.claimed[shard as usize] = true;
                     self.workers[worker].shard = Some(shard);
                     shard
                 }
             };
-            let mark = self.shared.store.mark(shard);
-            if mark == shard_size {
-                // Full: let it go and claim another.
-                self.claimed[shard as usize] = false;
-                self.workers[worker].shard = None;
-                continue;
-            }
-            let end = (mark + self.workers[worker].block_size).min(shard_size);
-            self.flush(shard, end)?;
+            let floor = self.shared.store.mark(shard);
+            let size = self.workers[worker].block_size;
+            let (start, end) = match self.ledger.advance(shard, floor, size).map_err(Retry::Ledger)? {
+                Advance::Block { start, end } => {
+                    assert!(floor <= start && start < end && end <= shard_size, "ledger granted {start}..{end}");
+                    (start, end)
+                }
+                Advance::Full | Advance::Lost => {
+                    // Let it go and claim another.
+                    self.claimed[shard as usize] = false;
+                    self.workers[worker].shard = None;
+                    self.ledger.release(shard);
+                    continue;
+                }
+            };
+            self.flush(shard, end).map_err(Retry::Gen)?;
             let base = u64::from(shard) * shard_size;
             let stats = &self.shared.stats;
             stats.blocks_reserved.fetch_add(1, Ordering::Relaxed);
-            stats.ids_reserved.fetch_add(end - mark, Ordering::Relaxed);
-            stats.last_block_size.store(end - mark, Ordering::Relaxed);
-            return Ok(Block { next: base + mark, end: base + end });
+            stats.ids_reserved.fetch_add(end - start, Ordering::Relaxed);
+            stats.last_block_size.store(end - start, Ordering::Relaxed);
+            return Ok(Block { next: base + start, end: base + end });
         }
     }
 
@@ -485,17 +573,22 @@ impl Reserver {
         }
         Ok(())
     }
-
-    /// Prefers a partly used shard (so restarts and worker-count changes
-    /// leave no holes), then the first untouched one.
-    fn pick_shard(&self) -> Option<u32> {
-        let geometry = self.shared.store.header().geometry;
-        let size = geometry.shard_size();
-        let free = |s: &u32| !self.claimed[*s as usize] && self.shared.store.mark(*s) < size;
-        let store = &self.shared.store;
-        geometry.node_shards().filter(free).find(|&s| store.mark(s) > 0).or_else(|| geometry.node_shards().find(free))
-    }
 }
+
+/// Why one reservation attempt did not produce a block.
+enum Retry {
+    /// The ledger could not be reached: wait and try again.
+    Ledger(LedgerError),
+    /// A final answer for this request (exhausted, storage failure).
+    Gen(GenError),
+}
+
+/// The first wait after the ledger fails, doubled on each failure.
+const LEDGER_RETRY_MIN: Duration = Duration::from_millis(10);
+/// The longest wait between attempts.
+const LEDGER_RETRY_MAX: Duration = Duration::from_secs(1);
+/// How often a ledger that stays down is logged.
+const LEDGER_LOG_EVERY: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {
@@ -772,7 +865,9 @@ mod tests {
         let path = init(dir.path(), Geometry::DEFAULT, false);
         let config = GeneratorConfig { block_min: 10, block_max: 10, ..GeneratorConfig::default() };
         let slow_disk = TestHooks { flush_delay: Duration::from_millis(300), ..TestHooks::default() };
-        let generator = Generator::with_hooks(Store::open(&[path]).unwrap().0, config, slow_disk);
+        let store = Store::open(&[path]).unwrap().0;
+        let ledger = Box::new(LocalLedger::new(&store));
+        let generator = Generator::with_hooks(store, config, ledger, slow_disk);
         let mut handle = generator.handle().unwrap();
         let mut out = [0u8; 15 * ID_LEN];
         let started = Instant::now();
@@ -787,5 +882,166 @@ mod tests {
         }
         // The blocking call waits for it instead.
         handle.fill(&mut out[..5 * ID_LEN]).unwrap();
+    }
+
+    /// A coordinator shared by several generators, as etcd is by several
+    /// nodes: one mark per shard, raised atomically; it can be switched off.
+    #[derive(Clone)]
+    struct SharedMarks {
+        marks: Arc<Mutex<Vec<u64>>>,
+        shard_size: u64,
+        down: Arc<std::sync::atomic::AtomicBool>,
+        calls: Arc<AtomicU64>,
+    }
+
+    impl SharedMarks {
+        fn new(g: Geometry) -> SharedMarks {
+            SharedMarks {
+                marks: Arc::new(Mutex::new(vec![0; g.shard_count() as usize])),
+                shard_size: g.shard_size(),
+                down: Arc::default(),
+                calls: Arc::default(),
+            }
+        }
+
+        fn check(&self) -> Result<(), LedgerError> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            if self.down.load(Ordering::Relaxed) {
+                return Err(LedgerError::Unavailable("coordinator down (test)".into()));
+            }
+            Ok(())
+        }
+    }
+
+    impl Ledger for SharedMarks {
+        fn claim(&mut self, store: &Store, busy: &[bool]) -> Result<Option<u32>, LedgerError> {
+            self.check()?;
+            let marks = self.marks.lock().unwrap();
+            // Start from a different shard per file, as leases spread nodes.
+            let n = marks.len();
+            let offset = store.header().file_id as usize % n;
+            Ok((0..n)
+                .map(|i| ((i + offset) % n) as u32)
+                .find(|&s| !busy[s as usize] && marks[s as usize] < self.shard_size))
+        }
+
+        fn advance(&mut self, shard: u32, floor: u64, size: u64) -> Result<Advance, LedgerError> {
+            self.check()?;
+            let mut marks = self.marks.lock().unwrap();
+            let start = marks[shard as usize].max(floor);
+            if start >= self.shard_size {
+                return Ok(Advance::Full);
+            }
+            let end = (start + size).min(self.shard_size);
+            marks[shard as usize] = end;
+            Ok(Advance::Block { start, end })
+        }
+
+        fn release(&mut self, _shard: u32) {}
+    }
+
+    fn cluster_node(dir: &Path, name: &str, g: Geometry, key: crate::id::Key, coordinator: &SharedMarks) -> Generator {
+        let path = dir.join(name);
+        create(std::slice::from_ref(&path), &Header::with_key(g, false, key).unwrap()).unwrap();
+        let store = Store::open(&[path]).unwrap().0;
+        Generator::with_ledger(store, tiny_blocks(), Box::new(coordinator.clone()))
+    }
+
+    /// Three nodes drawing from every shard of one space through a shared
+    /// coordinator, concurrently, until exhausted: every ID exactly once.
+    #[test]
+    fn nodes_sharing_a_coordinator_hand_out_a_small_space_exactly_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = Geometry { width: 12, shard_bits: 3, node: 0, nodes: 1 };
+        let key = crate::id::Key::random().unwrap();
+        let coordinator = SharedMarks::new(g);
+        let nodes: Vec<Generator> =
+            (0..3).map(|i| cluster_node(dir.path(), &format!("n{i}"), g, key, &coordinator)).collect();
+        let all: Vec<HashSet<u64>> = std::thread::scope(|s| {
+            let threads: Vec<_> = nodes
+                .iter()
+                .flat_map(|node| (0..2).map(move |_| node.handle().unwrap()))
+                .map(|mut handle| {
+                    s.spawn(move || {
+                        let mut seen = HashSet::new();
+                        drain(&mut handle, &mut seen);
+                        seen
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        let mut union = HashSet::new();
+        for value in all.into_iter().flatten() {
+            assert!(union.insert(value), "{value} handed out twice");
+        }
+        assert_eq!(union.len(), 1 << 12);
+    }
+
+    /// While the coordinator is down a handle serves the blocks it holds,
+    /// then reports Unavailable (never a block the coordinator did not
+    /// grant), and recovers by itself when the coordinator returns.
+    #[test]
+    fn a_coordinator_outage_is_ridden_through_and_recovered_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = Geometry { width: 16, shard_bits: 8, node: 0, nodes: 1 };
+        let coordinator = SharedMarks::new(g);
+        let generator = cluster_node(dir.path(), "n", g, crate::id::Key::random().unwrap(), &coordinator);
+        let mut handle = generator.handle().unwrap();
+        let mut seen = HashSet::new();
+        coordinator.down.store(true, Ordering::Relaxed);
+        let mut out = [0u8; ID_LEN];
+        // Held: the current block (8) and the prefetched one (at most 8).
+        let mut served_while_down = 0;
+        loop {
+            match handle.try_fill(&mut out) {
+                Ok(1) => {
+                    assert!(seen.insert(Id::from_wire(&out).unwrap()));
+                    served_while_down += 1;
+                }
+                Err(GenError::Unavailable) => break,
+                other => panic!("{other:?}"),
+            }
+            assert!(served_while_down <= 16, "served more than it held");
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while generator.ledger_down_for().is_none() {
+            assert!(Instant::now() < deadline, "the outage was never reported");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(generator.stats().ledger_failures.load(Ordering::Relaxed) >= 1);
+        coordinator.down.store(false, Ordering::Relaxed);
+        let id = handle.next_id().unwrap();
+        assert!(seen.insert(id), "{id} repeated after recovery");
+        assert!(generator.ledger_down_for().is_none());
+        let granted: u64 = coordinator.marks.lock().unwrap().iter().sum();
+        assert!(seen.len() as u64 <= granted, "every ID served lies in a granted block");
+    }
+
+    /// A node whose local file is ahead of the coordinator (the coordinator
+    /// was restored from an old backup) never goes below its own marks.
+    #[test]
+    fn the_local_mark_is_a_floor_for_the_coordinator() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = Geometry { width: 10, shard_bits: 10, node: 0, nodes: 1 };
+        let key = crate::id::Key::random().unwrap();
+        let coordinator = SharedMarks::new(g);
+        let mut first = HashSet::new();
+        {
+            let generator = cluster_node(dir.path(), "n", g, key, &coordinator);
+            let mut handle = generator.handle().unwrap();
+            for _ in 0..20 {
+                first.insert(handle.next_id().unwrap());
+            }
+        }
+        // The coordinator forgets everything; the node's file does not.
+        coordinator.marks.lock().unwrap().fill(0);
+        let store = Store::open(&[dir.path().join("n")]).unwrap().0;
+        let generator = Generator::with_ledger(store, tiny_blocks(), Box::new(coordinator.clone()));
+        let mut handle = generator.handle().unwrap();
+        for _ in 0..100 {
+            let id = handle.next_id().unwrap();
+            assert!(!first.contains(&id), "{id} issued again after the coordinator lost its marks");
+        }
     }
 }

@@ -15,6 +15,7 @@
 //!   (the crate's only `unsafe`).
 //! - [`keyfile`]: the key file that every node of a multi-node space shares.
 //! - [`respond`]: the per-datagram responder: every decision about one request. Pure.
+//! - [`ledger`]: who decides a shard's mark: the state file alone, or a coordinator.
 //! - [`generator`]: shards, block reservation, background prefetch.
 //! - [`client`]: the UDP client: retries, failover, duplicate filter.
 //! - [`hooks`]: fault injection for tests, compiled in only with `test-hooks`.
@@ -25,6 +26,7 @@ pub mod generator;
 pub mod hooks;
 pub mod id;
 pub mod keyfile;
+pub mod ledger;
 pub mod policy;
 pub mod protocol;
 pub mod respond;

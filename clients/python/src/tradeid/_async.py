@@ -1,0 +1,307 @@
+"""The asyncio client: a pool of channels, each a set of datagram endpoints.
+
+Replies carry no request tag, so two requests in flight on one socket
+cannot tell their replies apart. Each call therefore borrows a channel of
+its own (its own sockets, one per server) for its duration, exactly like a
+thread of the blocking client; concurrent calls use different channels, up
+to ``max_concurrency``, and later calls wait for one to be returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+from types import TracebackType
+from typing import Any, Deque, List, Optional, Sequence, Tuple, Type, TypeVar, Union, cast
+
+from . import _engine
+from ._address import Endpoint, Resolved, resolve_async, split_servers
+from ._errors import ClientClosed, ConfigError, TransportError
+from ._protocol import DEFAULT_MAX_BATCH
+from ._sync import check_count, check_settings
+
+T = TypeVar("T")
+
+#: Datagrams an endpoint keeps while nobody is waiting; more are dropped
+#: (they can only be IDs nobody asked for any more).
+MAX_QUEUED = 1024
+
+
+class _Endpoint(asyncio.DatagramProtocol):
+    """Receives one connected socket's datagrams and errors into a queue."""
+
+    def __init__(self) -> None:
+        self.transport: Optional[asyncio.DatagramTransport] = None
+        self.queue: Deque[bytes] = collections.deque()
+        self.refused = False  # an ICMP "port unreachable" was reported
+        self.error: Optional[Exception] = None
+        self.lost = False
+        self.waiter: Optional["asyncio.Future[None]"] = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: Tuple[Any, ...]) -> None:
+        if len(self.queue) < MAX_QUEUED:
+            self.queue.append(data)
+        self._wake()
+
+    def error_received(self, exc: Exception) -> None:
+        if isinstance(exc, ConnectionRefusedError):
+            self.refused = True
+        else:
+            self.error = exc
+        self._wake()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.lost = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+def _expire(waiter: "asyncio.Future[None]") -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class _Channel:
+    """One borrower's endpoints (opened on first use) and engine state."""
+
+    def __init__(self, client: "AsyncClient") -> None:
+        self.session = _engine.Session()
+        self._client = client
+        self._endpoints: List[Optional[_Endpoint]] = [None] * len(client._endpoints)
+        self.broken = False
+
+    def close(self) -> None:
+        for endpoint in self._endpoints:
+            if endpoint is not None and endpoint.transport is not None:
+                endpoint.transport.close()
+
+    async def _endpoint(self, index: int) -> _Endpoint:
+        endpoint = self._endpoints[index]
+        if endpoint is None:
+            target = await self._client._target(index)
+            sock = socket.socket(target.family, socket.SOCK_DGRAM)
+            try:
+                sock.setblocking(False)
+                sock.connect(target.sockaddr)
+                loop = asyncio.get_running_loop()
+                _, protocol = await loop.create_datagram_endpoint(_Endpoint, sock=sock)
+            except BaseException:
+                sock.close()
+                raise
+            endpoint = self._endpoints[index] = protocol
+            if self._client._closed:
+                self.close()
+                raise ClientClosed()
+        return endpoint
+
+    def _check(self, endpoint: _Endpoint, index: int) -> None:
+        if self._client._closed:
+            raise ClientClosed()
+        if endpoint.error is not None:
+            error, endpoint.error = endpoint.error, None
+            self.broken = True
+            raise TransportError(self._client._servers[index], cast(OSError, error)) from error
+        if endpoint.lost:
+            self.broken = True
+            raise TransportError(self._client._servers[index], OSError("socket closed"))
+
+    async def _send(self, index: int, payload: bytes) -> Optional[bytes]:
+        endpoint = await self._endpoint(index)
+        self._check(endpoint, index)
+        if endpoint.refused:  # reported since the last call: the port is closed
+            endpoint.refused = False
+            return None
+        assert endpoint.transport is not None
+        endpoint.transport.sendto(payload)  # errors arrive via error_received
+        if endpoint.refused:
+            endpoint.refused = False
+            return None
+        self._check(endpoint, index)
+        return b""
+
+    async def _recv(self, index: int, timeout: float) -> Optional[bytes]:
+        endpoint = await self._endpoint(index)
+        if not endpoint.queue and not endpoint.refused:
+            self._check(endpoint, index)
+            waiter: "asyncio.Future[None]" = asyncio.get_running_loop().create_future()
+            endpoint.waiter = waiter
+            timer = asyncio.get_running_loop().call_later(timeout, _expire, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                endpoint.waiter = None
+        if endpoint.queue:
+            return endpoint.queue.popleft()
+        if endpoint.refused:
+            endpoint.refused = False
+            return None
+        self._check(endpoint, index)
+        return None  # timed out
+
+    async def run(self, steps: _engine.Steps[T]) -> T:
+        """Performs the engine's I/O until it returns."""
+        result: Optional[bytes] = None
+        try:
+            while True:
+                action = steps.send(result)
+                if isinstance(action, _engine.Recv):
+                    result = await self._recv(action.server, action.timeout)
+                elif isinstance(action, _engine.Send):
+                    result = await self._send(action.server, action.payload)
+                else:
+                    await asyncio.sleep(action.seconds)
+                    result = None
+        except StopIteration as stop:
+            value: T = stop.value
+            return value
+        finally:
+            steps.close()  # on an error or cancellation: the engine keeps its IDs
+
+
+class AsyncClient:
+    """The asyncio counterpart of :class:`tradeid.Client`, with the same
+    arguments and semantics.
+
+    Use it from one event loop. Every concurrent call borrows a channel (its
+    own UDP sockets), at most ``max_concurrency`` at once; channels are
+    reused by later calls, so a busy service keeps a small, steady set of
+    sockets.
+    """
+
+    def __init__(
+        self,
+        servers: Union[str, Sequence[str]],
+        timeout: float = 0.25,
+        attempts: int = 3,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        *,
+        window: int = _engine.DEFAULT_WINDOW,
+        max_concurrency: int = 64,
+    ) -> None:
+        check_settings(timeout, attempts, max_batch, window)
+        if not isinstance(max_concurrency, int) or max_concurrency < 1:
+            raise ConfigError(f"max_concurrency must be a whole number >= 1, got {max_concurrency!r}")
+        self._endpoints: List[Endpoint] = split_servers(servers)
+        self._servers = [e.text for e in self._endpoints]
+        self._targets: List[Optional[Resolved]] = [None] * len(self._endpoints)
+        self._settings = _engine.Settings(self._servers, float(timeout), attempts, window)
+        self._shared = _engine.Shared(max_batch, len(self._endpoints))
+        self._max_channels = max_concurrency
+        self._idle: List[_Channel] = []
+        self._all: List[_Channel] = []
+        self._waiters: Deque["asyncio.Future[_Channel]"] = collections.deque()
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._closed = False
+
+    @property
+    def servers(self) -> List[str]:
+        """The servers, as given."""
+        return list(self._servers)
+
+    async def _target(self, index: int) -> Resolved:
+        target = self._targets[index]
+        if target is None:
+            target = self._targets[index] = await resolve_async(self._endpoints[index])
+        return target
+
+    async def _acquire(self) -> _Channel:
+        if self._closed:
+            raise ClientClosed()
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise RuntimeError("a tradeid.AsyncClient can only be used from the event loop that first used it")
+        if self._idle:
+            return self._idle.pop()
+        if len(self._all) < self._max_channels:
+            channel = _Channel(self)
+            self._all.append(channel)
+            return channel
+        waiter: "asyncio.Future[_Channel]" = loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release(waiter.result())  # handed over as we were cancelled
+            raise
+
+    def _release(self, channel: _Channel) -> None:
+        if self._closed:
+            channel.close()
+            return
+        if channel.broken:  # a socket error: replace its sockets
+            channel.close()
+            self._all.remove(channel)
+            spare = channel.session.spare
+            channel = _Channel(self)
+            channel.session.spare.extend(spare)  # its IDs are still good
+            self._all.append(channel)
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(channel)
+                return
+        self._idle.append(channel)
+
+    async def _take(self, count: int) -> List[str]:
+        channel = await self._acquire()
+        try:
+            spare = channel.session.spare
+            if len(spare) >= count:
+                return [spare.popleft() for _ in range(count)]
+            return await channel.run(_engine.take(self._settings, self._shared, channel.session, count))
+        finally:
+            self._release(channel)
+
+    async def next_id(self) -> str:
+        """One new ID."""
+        return (await self._take(1))[0]
+
+    async def next_ids(self, count: int) -> List[str]:
+        """``count`` new IDs, all distinct."""
+        check_count(count)
+        if count == 0:
+            if self._closed:
+                raise ClientClosed()
+            return []
+        return await self._take(count)
+
+    async def close(self) -> None:
+        """Closes every socket; calls waiting for a channel, and later
+        calls, raise ClientClosed."""
+        self._closed = True
+        for channel in self._all:
+            channel.close()
+        self._all.clear()
+        self._idle.clear()
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(ClientClosed())
+        await asyncio.sleep(0)  # let the transports finish closing
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<tradeid.AsyncClient {', '.join(self._servers)} ({state})>"

@@ -1,0 +1,324 @@
+"""What the client does, written once for both :class:`tradeid.Client` and
+:class:`tradeid.AsyncClient`.
+
+The logic is a generator that *yields* I/O requests (:class:`Send`,
+:class:`Recv`, :class:`Sleep`) and is resumed with their results; a driver
+performs them with blocking sockets (``_sync``) or asyncio endpoints
+(``_async``). So retries, failover, error handling and the duplicate
+filter behave identically in both clients, and can be tested without a
+network.
+
+Semantics follow the Rust client (core/src/client.rs), with three
+deliberate differences, each fixing a way the Rust client gives up while the
+server is healthy:
+
+* ``!ERR413`` lowers the batch size (to half of what was asked) and asks
+  again from the *same* server; it is not counted as a lost attempt.
+* ``!ERR503`` is retried with exponential backoff (1 ms doubling, capped at
+  50 ms) without using up attempts; only a streak of 503s longer than
+  ``attempts x timeout`` (the time a silent server would cost) moves on to
+  the next server, and if no server gets past it the error is
+  :class:`~tradeid.Unavailable`, not a timeout.
+* Bulk requests are pipelined: up to ``window`` requests are in flight at
+  once (the Rust loadgen does the same), each for at most the current
+  batch size. IDs are counted as they arrive, so a short or lost reply is
+  simply asked for again.
+
+As in Rust, replies carry no request tag: any reply with fresh IDs is used,
+even one that arrives after its request timed out (the server never repeats
+an ID); IDs that arrive beyond what a call needs are kept for the next call
+on the same channel; and IDs seen in the last 65,536 are dropped as network
+duplicates.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Deque, Generator, List, Optional, Sequence, Set, TypeVar, Union
+
+from ._errors import Rejected, SpaceExhausted, Timeout, Unavailable
+from ._protocol import ErrorCode, decode_reply, encode_request
+
+T = TypeVar("T")
+
+#: How many recent IDs the duplicate filter remembers (as in Rust).
+RECENT_WINDOW = 1 << 16
+#: Pause after a send failed with ECONNREFUSED (capped by the timeout).
+REFUSED_PAUSE = 0.020
+#: First and largest wait after a ``!ERR503``.
+BACKOFF_START = 0.001
+BACKOFF_MAX = 0.050
+#: Requests in flight at once for a bulk call.
+DEFAULT_WINDOW = 8
+
+
+class Send:
+    """Send ``payload`` to server ``server``. Resumed with ``b""`` when sent,
+    ``None`` when the OS reports the port closed (ECONNREFUSED)."""
+
+    __slots__ = ("server", "payload")
+
+    def __init__(self, server: int, payload: bytes) -> None:
+        self.server = server
+        self.payload = payload
+
+
+class Recv:
+    """Wait up to ``timeout`` seconds for a datagram from server ``server``.
+    Resumed with the datagram, or ``None`` on a timeout or a closed port."""
+
+    __slots__ = ("server", "timeout")
+
+    def __init__(self, server: int, timeout: float) -> None:
+        self.server = server
+        self.timeout = timeout
+
+
+class Sleep:
+    """Pause for ``seconds``. Resumed with ``None``."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+
+Action = Union[Send, Recv, Sleep]
+#: A generator of actions, resumed with their results, returning a ``T``.
+Steps = Generator[Action, Optional[bytes], T]
+
+
+class Settings:
+    """A client's fixed configuration."""
+
+    __slots__ = ("servers", "timeout", "attempts", "window", "unavailable_budget")
+
+    def __init__(self, servers: Sequence[str], timeout: float, attempts: int, window: int) -> None:
+        self.servers = tuple(servers)
+        self.timeout = timeout
+        self.attempts = attempts
+        self.window = window
+        # A server that keeps answering !ERR503 is given as long as one that
+        # does not answer at all.
+        self.unavailable_budget = attempts * timeout
+
+
+class Shared:
+    """A client's mutable state shared by all its channels (threads, tasks).
+
+    Both fields only ever move one way (the batch size down, a server to
+    exhausted), and each update is a single attribute or list-item store, so
+    concurrent updates need no lock: the worst a race does is lower the batch
+    size once more, or mark a server exhausted a moment later in another
+    thread, which then gets its own ``!ERR507``.
+    """
+
+    __slots__ = ("max_batch", "exhausted")
+
+    def __init__(self, max_batch: int, servers: int) -> None:
+        self.max_batch = max_batch
+        self.exhausted = [False] * servers
+
+
+class RecentIds:
+    """The last ``capacity`` (or a few more) IDs received, to drop network
+    duplicates. Works a datagram at a time with C-level set operations."""
+
+    __slots__ = ("_seen", "_batches", "_size", "_capacity")
+
+    def __init__(self, capacity: int = RECENT_WINDOW) -> None:
+        self._seen: Set[str] = set()
+        self._batches: Deque[List[str]] = collections.deque()
+        self._size = 0
+        self._capacity = capacity
+
+    def __contains__(self, id_: str) -> bool:
+        return id_ in self._seen
+
+    def admit(self, ids: List[str]) -> List[str]:
+        """The IDs of ``ids`` not seen within the window (now remembered)."""
+        seen = self._seen
+        if seen.isdisjoint(ids):
+            before = len(seen)
+            seen.update(ids)
+            if len(seen) - before != len(ids):
+                ids = list(dict.fromkeys(ids))  # a repeat inside one datagram
+            fresh = ids
+        else:
+            fresh = [i for i in dict.fromkeys(ids) if i not in seen]
+            seen.update(fresh)
+        if fresh:
+            batches = self._batches
+            batches.append(fresh)
+            self._size += len(fresh)
+            # Forget the oldest datagram while the rest still fill the window.
+            while self._size - len(batches[0]) >= self._capacity:
+                oldest = batches.popleft()
+                seen.difference_update(oldest)
+                self._size -= len(oldest)
+        return fresh
+
+
+class Session:
+    """One channel's state: its duplicate filter, the IDs it received beyond
+    what callers took, and the server it is using."""
+
+    __slots__ = ("recent", "spare", "current")
+
+    def __init__(self) -> None:
+        self.recent = RecentIds()
+        self.spare: Deque[str] = collections.deque()
+        self.current = 0
+
+
+def take(settings: Settings, shared: Shared, session: Session, count: int) -> Steps[List[str]]:
+    """``count`` IDs never returned before by this channel."""
+    spare = session.spare
+    if len(spare) >= count:
+        return [spare.popleft() for _ in range(count)]
+    out = list(spare)
+    spare.clear()
+    try:
+        yield from _fill(settings, shared, session, out, count)
+    except BaseException:
+        # A failed or cancelled call loses no IDs: the next call gets them.
+        spare.extend(out)
+        raise
+    if len(out) > count:
+        spare.extend(out[count:])
+        del out[count:]
+    return out
+
+
+# How one server's turn ended.
+_DONE, _NO_REPLY, _UNAVAILABLE, _EXHAUSTED = range(4)
+
+
+def _fill(settings: Settings, shared: Shared, session: Session, out: List[str], count: int) -> Steps[None]:
+    """Appends fresh IDs to ``out`` until it holds ``count``, failing over
+    across the servers in order, starting at the one used last."""
+    servers = len(settings.servers)
+    fruitless = 0  # servers tried in a row without getting an ID
+    unavailable = False  # whether one of those kept answering !ERR503
+    while len(out) < count:
+        if all(shared.exhausted):
+            raise SpaceExhausted(settings.servers)
+        if fruitless >= servers:
+            if unavailable:
+                raise Unavailable(settings.servers, settings.unavailable_budget)
+            raise Timeout(settings.servers, settings.attempts, settings.timeout)
+        index = session.current
+        if not shared.exhausted[index]:
+            before = len(out)
+            outcome = yield from _fill_from(settings, shared, session, index, out, count)
+            if outcome == _DONE:
+                return
+            if len(out) > before:
+                fruitless, unavailable = 0, False
+            if outcome == _EXHAUSTED:
+                shared.exhausted[index] = True
+            elif outcome == _UNAVAILABLE:
+                unavailable = True
+        session.current = (index + 1) % servers
+        fruitless += 1
+
+
+def _fill_from(
+    settings: Settings, shared: Shared, session: Session, index: int, out: List[str], count: int
+) -> Steps[int]:
+    """Fills ``out`` from server ``index`` until done or the server fails.
+
+    An *attempt* is a wait of ``timeout`` with no useful reply; ``attempts``
+    of them in a row (any reply with fresh IDs starts the count again) end
+    this server's turn. Requests in flight when an attempt times out are
+    presumed lost and asked for again; if their replies turn up later they
+    are used all the same.
+    """
+    timeout = settings.timeout
+    attempts_left = settings.attempts
+    backoff = BACKOFF_START
+    streak_start: Optional[float] = None  # when the current run of !ERR503 began
+    inflight: Deque[int] = collections.deque()  # sizes asked for, oldest first
+    pending = 0  # sum(inflight)
+    admit = session.recent.admit
+    monotonic = time.monotonic
+    while True:
+        # Keep up to `window` requests in flight for the IDs still missing.
+        refused = False
+        while len(inflight) < settings.window:
+            missing = count - len(out) - pending
+            if missing <= 0:
+                break
+            size = min(missing, shared.max_batch)
+            if (yield Send(index, encode_request(size))) is None:
+                refused = True
+                break
+            inflight.append(size)
+            pending += size
+        if refused:
+            # ECONNREFUSED (an earlier ICMP "port unreachable"): the server
+            # is down. A lost attempt, after a short pause.
+            attempts_left -= 1
+            inflight.clear()
+            pending = 0
+            if attempts_left <= 0:
+                return _NO_REPLY
+            yield Sleep(min(timeout, REFUSED_PAUSE))
+            continue
+
+        deadline = monotonic() + timeout
+        while True:  # until a reply that changes something, or the deadline
+            left = deadline - monotonic()
+            data = (yield Recv(index, left)) if left > 0 else None
+            if data is None:
+                attempts_left -= 1
+                inflight.clear()
+                pending = 0
+                if attempts_left <= 0:
+                    return _NO_REPLY
+                break  # ask again
+            reply = decode_reply(data)
+            if type(reply) is list:
+                fresh = admit(reply)
+                if not fresh:
+                    continue  # only network duplicates: keep waiting
+                out.extend(fresh)
+                if inflight:
+                    pending -= inflight.popleft()
+                attempts_left = settings.attempts
+                backoff = BACKOFF_START
+                streak_start = None
+                if len(out) >= count:
+                    return _DONE
+                break  # top the window up
+            if reply is None:
+                continue  # not a tradeid reply: ignore, keep waiting
+            # An error reply answers one request (the oldest, as far as we
+            # can tell: replies carry no tag).
+            asked = inflight.popleft() if inflight else 0
+            pending -= asked
+            if reply is ErrorCode.UNAVAILABLE:
+                now = monotonic()
+                if streak_start is None:
+                    streak_start = now
+                elif now - streak_start >= settings.unavailable_budget:
+                    return _UNAVAILABLE
+                yield Sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                break
+            if reply is ErrorCode.TOO_MANY:
+                # The server's max-batch is below ours: ask for less.
+                if asked > 1:
+                    lower = asked // 2
+                elif shared.max_batch > 1:
+                    lower = shared.max_batch // 2
+                else:
+                    raise Rejected(settings.servers[index], int(reply))
+                shared.max_batch = min(shared.max_batch, lower)
+                break
+            if reply is ErrorCode.EXHAUSTED:
+                return _EXHAUSTED
+            # !ERR400 or !ERR505: this client and that server disagree on
+            # the protocol; no retry can help.
+            raise Rejected(settings.servers[index], int(reply))

@@ -1,0 +1,278 @@
+"""The blocking client: one channel (connected sockets + state) per thread."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import struct
+import sys
+import threading
+import time
+import weakref
+from types import TracebackType
+from typing import Dict, List, Optional, Sequence, Type, TypeVar, Union
+
+from . import _engine
+from ._address import Endpoint, Resolved, resolve, split_servers
+from ._errors import ClientClosed, ConfigError, TransportError
+from ._protocol import DEFAULT_MAX_BATCH, MAX_BATCH_LIMIT
+
+T = TypeVar("T")
+
+#: Bytes read per datagram: the largest UDP payload.
+RECV_SIZE = 65535
+
+# Bumped in a forked child, so that it opens sockets of its own instead of
+# sharing (and stealing replies from) its parent's.
+_fork_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def check_settings(timeout: float, attempts: int, max_batch: int, window: int) -> None:
+    """Validates the numeric arguments shared by both clients."""
+    if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+        raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if not isinstance(attempts, int) or attempts < 1:
+        raise ConfigError(f"attempts must be a whole number >= 1, got {attempts!r}")
+    if not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_BATCH_LIMIT:
+        raise ConfigError(f"max_batch must be 1..={MAX_BATCH_LIMIT}, got {max_batch!r}")
+    if not isinstance(window, int) or window < 1:
+        raise ConfigError(f"window must be a whole number >= 1, got {window!r}")
+
+
+def check_count(count: int) -> None:
+    if not isinstance(count, int) or isinstance(count, bool):
+        raise TypeError(f"count must be an int, got {type(count).__name__}")
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+
+
+class _Socket:
+    """A UDP socket connected to one server.
+
+    On Linux the socket stays in blocking mode with a kernel receive timeout
+    (SO_RCVTIMEO), so a request costs two system calls (send, recv) instead
+    of four (Python's own timeouts poll before each send and recv).
+    Elsewhere it uses Python's ``settimeout``.
+    """
+
+    __slots__ = ("sock", "_rcvtimeo")
+
+    _KERNEL_TIMEOUT = sys.platform.startswith("linux") and hasattr(socket, "SO_RCVTIMEO")
+    _TIMEVAL = struct.Struct("@ll")
+
+    def __init__(self, target: Resolved) -> None:
+        self.sock = socket.socket(target.family, socket.SOCK_DGRAM)
+        try:
+            self.sock.connect(target.sockaddr)
+        except BaseException:
+            self.sock.close()
+            raise
+        self._rcvtimeo = -1.0
+
+    def send(self, payload: bytes) -> bool:
+        """False if the port is known closed (ECONNREFUSED)."""
+        try:
+            self.sock.send(payload)
+        except ConnectionRefusedError:
+            return False
+        return True
+
+    def recv(self, timeout: float) -> Optional[bytes]:
+        """A datagram, or None on a timeout or a closed port."""
+        sock = self.sock
+        try:
+            if self._KERNEL_TIMEOUT:
+                if timeout != self._rcvtimeo:
+                    # Rounded up to a whole microsecond: 0 would mean "forever".
+                    micros = max(1, math.ceil(timeout * 1e6))
+                    sock.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._TIMEVAL.pack(*divmod(micros, 1_000_000))
+                    )
+                    self._rcvtimeo = timeout
+                return sock.recv(RECV_SIZE)
+            sock.settimeout(timeout)
+            return sock.recv(RECV_SIZE)
+        except (BlockingIOError, socket.timeout, ConnectionRefusedError):
+            return None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _close_sockets(sockets: List[Optional[_Socket]]) -> None:
+    for i, s in enumerate(sockets):
+        if s is not None:
+            s.close()
+            sockets[i] = None
+
+
+class _Channel:
+    """One thread's sockets (one per server, opened on first use) and state.
+
+    Closed when :meth:`close` is called or when the channel is garbage
+    collected (its thread ended), whichever comes first.
+    """
+
+    __slots__ = ("session", "generation", "_targets", "_servers", "_sockets", "_finalizer", "__weakref__")
+
+    def __init__(self, targets: Sequence[Resolved], servers: Sequence[str]) -> None:
+        self.session = _engine.Session()
+        self.generation = _fork_generation
+        self._targets = targets
+        self._servers = servers
+        self._sockets: List[Optional[_Socket]] = [None] * len(targets)
+        self._finalizer = weakref.finalize(self, _close_sockets, self._sockets)
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def _socket(self, index: int) -> _Socket:
+        s = self._sockets[index]
+        if s is None:
+            if not self._finalizer.alive:
+                raise ClientClosed()
+            try:
+                s = _Socket(self._targets[index])
+            except OSError as e:
+                raise TransportError(self._servers[index], e) from e
+            self._sockets[index] = s
+        return s
+
+    def run(self, steps: _engine.Steps[T]) -> T:
+        """Performs the engine's I/O until it returns."""
+        result: Optional[bytes] = None
+        try:
+            while True:
+                action = steps.send(result)
+                if isinstance(action, _engine.Sleep):
+                    time.sleep(action.seconds)
+                    result = None
+                    continue
+                try:
+                    sock = self._socket(action.server)
+                    if isinstance(action, _engine.Recv):
+                        result = sock.recv(action.timeout)
+                    else:
+                        result = b"" if sock.send(action.payload) else None
+                except OSError as e:
+                    if not self._finalizer.alive:
+                        raise ClientClosed() from e
+                    raise TransportError(self._servers[action.server], e) from e
+        except StopIteration as stop:
+            value: T = stop.value
+            return value
+        finally:
+            steps.close()  # on an error: lets the engine keep its IDs
+
+
+class Client:
+    """A blocking client for tradeid servers; safe to share between threads.
+
+    ``servers`` are tried in order, failing over to the next one when a
+    server does not answer ``attempts`` times in a row (each wait lasting
+    ``timeout`` seconds) or reports its space exhausted. ``max_batch`` is the
+    most IDs asked for in one request (lowered automatically if a server's
+    ``--max-batch`` is smaller); ``window`` is how many requests a bulk call
+    keeps in flight at once.
+
+    Each thread gets its own sockets and state (a *channel*), so calls from
+    different threads never wait for each other: there is no lock on the
+    request path. See the README for why the duplicate filter can be per
+    channel.
+    """
+
+    def __init__(
+        self,
+        servers: Union[str, Sequence[str]],
+        timeout: float = 0.25,
+        attempts: int = 3,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        *,
+        window: int = _engine.DEFAULT_WINDOW,
+    ) -> None:
+        check_settings(timeout, attempts, max_batch, window)
+        endpoints: List[Endpoint] = split_servers(servers)
+        self._targets = [resolve(e) for e in endpoints]
+        self._settings = _engine.Settings([e.text for e in endpoints], float(timeout), attempts, window)
+        self._shared = _engine.Shared(max_batch, len(endpoints))
+        self._local = threading.local()
+        # Every open channel, so close() can reach other threads' sockets.
+        # Plain dict operations are atomic, so registering needs no lock.
+        self._channels: Dict[int, "weakref.ref[_Channel]"] = {}
+        self._closed = False
+
+    @property
+    def servers(self) -> List[str]:
+        """The servers, as given."""
+        return list(self._settings.servers)
+
+    def _channel(self) -> _Channel:
+        channel: Optional[_Channel] = getattr(self._local, "channel", None)
+        if channel is not None and channel.generation == _fork_generation:
+            return channel
+        if self._closed:
+            raise ClientClosed()
+        channel = _Channel(self._targets, self._settings.servers)
+        key = id(channel)
+        channels = self._channels
+        channels[key] = weakref.ref(channel, lambda _ref: channels.pop(key, None))
+        if self._closed:  # close() ran meanwhile and may have missed it
+            channel.close()
+            raise ClientClosed()
+        self._local.channel = channel
+        return channel
+
+    def next_id(self) -> str:
+        """One new ID, e.g. ``"B762F00"``."""
+        if self._closed:
+            raise ClientClosed()
+        channel = self._channel()
+        spare = channel.session.spare
+        if spare:
+            return spare.popleft()
+        return channel.run(_engine.take(self._settings, self._shared, channel.session, 1))[0]
+
+    def next_ids(self, count: int) -> List[str]:
+        """``count`` new IDs, all distinct, in as many requests as needed."""
+        check_count(count)
+        if self._closed:
+            raise ClientClosed()
+        if count == 0:
+            return []
+        channel = self._channel()
+        return channel.run(_engine.take(self._settings, self._shared, channel.session, count))
+
+    def close(self) -> None:
+        """Closes every thread's sockets. Later calls raise ClientClosed.
+        Call it when no other thread is using the client."""
+        self._closed = True
+        for ref in list(self._channels.values()):
+            channel = ref()
+            if channel is not None:
+                channel.close()
+        self._channels.clear()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<tradeid.Client {', '.join(self._settings.servers)} ({state})>"
