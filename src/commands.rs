@@ -11,10 +11,11 @@ use anyhow::{bail, Context};
 use tradeid::client::{Client, ClientConfig, ClientError};
 use tradeid::id::{Id, ID_LEN};
 use tradeid::keyfile::SpaceKey;
-use tradeid::state::{self, Geometry, Header, Snapshot, StateError, Store};
+use tradeid::state::{self, ClusterBinding, Geometry, Header, Snapshot, StateError, Store};
 use tradeid::{GenError, Generator, GeneratorConfig};
 
-use crate::config::ServeConfig;
+use crate::cluster::{self, Etcd};
+use crate::config::{cluster_options, ServeConfig};
 use crate::exit::{ConfigError, Exhausted, Unreachable};
 use crate::flags::{Cli, Command, DecodeArgs, GenArgs, GetArgs, InitArgs, InspectArgs, KeygenArgs, ServeArgs};
 use crate::{control, dataplane};
@@ -48,7 +49,16 @@ fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `TRADEID_ETCD_PASSWORD`, read here (the application layer) and
+/// nowhere else.
+fn etcd_password() -> Option<String> {
+    std::env::var("TRADEID_ETCD_PASSWORD").ok()
+}
+
 fn init(args: InitArgs) -> anyhow::Result<()> {
+    if let Some(options) = cluster_options(&args.etcd, etcd_password())? {
+        return init_cluster_node(&args, &options);
+    }
     let space = args.key_file.as_deref().map(SpaceKey::read).transpose()?;
     if space.is_none() && args.nodes > 1 && !args.sequential {
         bail!(ConfigError(format!(
@@ -130,6 +140,9 @@ fn gen_error(e: GenError) -> anyhow::Error {
 }
 
 fn inspect(args: InspectArgs) -> anyhow::Result<()> {
+    if let Some(options) = cluster_options(&args.etcd, etcd_password())? {
+        return inspect_cluster(&options);
+    }
     let path = &args.state[0];
     let snap = Snapshot::read(path)?;
     let h = &snap.header;
@@ -234,7 +247,7 @@ fn decode(args: DecodeArgs) -> anyhow::Result<()> {
 /// `tradeid serve`: validate, then run the data plane under the control
 /// plane until a signal.
 fn serve(args: &ServeArgs) -> anyhow::Result<()> {
-    let config = ServeConfig::from_args(args, control::systemd::watchdog_interval())?;
+    let config = ServeConfig::from_args(args, control::systemd::watchdog_interval(), etcd_password())?;
     if args.check_config {
         return check_config(&config);
     }
@@ -297,5 +310,99 @@ fn get(args: GetArgs) -> anyhow::Result<()> {
         writeln!(out, "{id}")?;
     }
     out.flush()?;
+    Ok(())
+}
+
+/// `init --etcd URLS --cluster NAME`: create the cluster unless it exists
+/// (one txn, so concurrent first inits end with one cluster), then this
+/// node's state file bound to it.
+fn init_cluster_node(args: &InitArgs, options: &cluster::Options) -> anyhow::Result<()> {
+    if args.key_file.is_some() || args.sequential || args.nodes != 1 || args.node != 0 {
+        bail!(ConfigError(
+            "--etcd cannot go with --key-file, --sequential, --node or --nodes: the cluster holds the key, and any \
+             node may draw from any shard"
+                .into()
+        ));
+    }
+    for path in &args.state {
+        if path.exists() {
+            return Err(StateError::Exists { path: path.clone() }.into());
+        }
+    }
+    let width = args.width.unwrap_or(Geometry::DEFAULT.width);
+    let shard_bits = args.shard_bits.unwrap_or(Geometry::DEFAULT.shard_bits);
+    Geometry { width, shard_bits, node: 0, nodes: 1 }
+        .validate()
+        .map_err(|e| ConfigError(format!("invalid --width/--shard-bits: {e}")))?;
+    let etcd = Etcd::connect(options)?;
+    let (meta, created) = etcd.create_or_join(width, shard_bits)?;
+    if !created
+        && (args.width.is_some_and(|w| w != meta.width) || args.shard_bits.is_some_and(|b| b != meta.shard_bits))
+    {
+        bail!(ConfigError(format!(
+            "cluster {:?} already exists with 2^{} IDs in shards of 2^{}; leave out --width/--shard-bits to join it",
+            options.name, meta.width, meta.shard_bits
+        )));
+    }
+    let binding = ClusterBinding::new(meta.cluster_id, &options.name).map_err(ConfigError)?;
+    let header = Header::for_cluster(meta.width, meta.shard_bits, meta.key, binding)
+        .context("cannot read the OS random source")?;
+    state::create(&args.state, &header)?;
+    for path in &args.state {
+        println!("created {}", path.display());
+    }
+    println!(
+        "{} cluster {:?} (id {:016x}, space {}) in etcd at {}: 2^{} IDs in {} shards of {}",
+        if created { "created" } else { "joined" },
+        options.name,
+        meta.cluster_id,
+        header.space_id(),
+        etcd.endpoints(),
+        meta.width,
+        meta.shard_count(),
+        meta.shard_size()
+    );
+    Ok(())
+}
+
+/// `inspect --etcd URLS --cluster NAME`: the cluster-wide view.
+fn inspect_cluster(options: &cluster::Options) -> anyhow::Result<()> {
+    let etcd = Etcd::connect(options)?;
+    let meta = etcd.meta()?.ok_or_else(|| {
+        ConfigError(format!(
+            "cluster {:?} does not exist in etcd at {} (no {}); create it with `tradeid init --state FILE --etcd {} --cluster {}`",
+            options.name,
+            etcd.endpoints(),
+            etcd.key("meta"),
+            etcd.endpoints(),
+            options.name
+        ))
+    })?;
+    let marks = etcd.marks(meta.shard_count())?;
+    let claims = etcd.claims()?;
+    let nodes = etcd.nodes()?;
+    let capacity = u64::from(meta.shard_count()) * meta.shard_size();
+    let used: u64 = marks.iter().sum();
+    let full = marks.iter().filter(|&&m| m >= meta.shard_size()).count();
+    let partly = marks.iter().filter(|&&m| m > 0 && m < meta.shard_size()).count();
+    let pct = |n: u64| 100.0 * n as f64 / capacity as f64;
+    println!("cluster        {} (id {:016x}) in etcd at {}", options.name, meta.cluster_id, etcd.endpoints());
+    println!("created        unix time {}", meta.created_unix);
+    println!("geometry       2^{} IDs, {} shards of {}", meta.width, meta.shard_count(), meta.shard_size());
+    println!("used           {used} of {capacity} ({:.4}%)", pct(used));
+    println!("remaining      {} ({:.4}%)", capacity - used, pct(capacity - used));
+    println!("shards         {partly} partly used, {full} full");
+    println!("live nodes     {}", nodes.len());
+    for (node, info) in &nodes {
+        let held: Vec<String> = claims.iter().filter(|(_, n)| *n == node).map(|(s, _)| s.to_string()).collect();
+        let shards = if held.is_empty() { "none".to_string() } else { held.join(", ") };
+        println!("  node {node}: {info}");
+        println!("    shards claimed: {shards}");
+    }
+    let orphans: Vec<String> =
+        claims.iter().filter(|(_, n)| !nodes.contains_key(*n)).map(|(s, n)| format!("{s} ({n})")).collect();
+    if !orphans.is_empty() {
+        println!("claims of nodes no longer registered (they expire with their lease): {}", orphans.join(", "));
+    }
     Ok(())
 }

@@ -11,8 +11,8 @@ use tradeid::GeneratorConfig;
 use tradeid_udp::SocketOptions;
 
 use crate::exit::ConfigError;
-use crate::flags::ServeArgs;
-use crate::{control, dataplane};
+use crate::flags::{EtcdArgs, ServeArgs};
+use crate::{cluster, control, dataplane};
 
 /// A validated `serve` configuration: one part per plane.
 #[derive(Debug, Clone)]
@@ -25,13 +25,18 @@ pub(crate) struct ServeConfig {
 
 impl ServeConfig {
     /// Validates the flags. `watchdog` is the systemd watchdog interval, if
-    /// any: workers must wake often enough to feed it.
-    pub(crate) fn from_args(args: &ServeArgs, watchdog: Option<Duration>) -> Result<ServeConfig, ConfigError> {
+    /// any: workers must wake often enough to feed it; `etcd_password` is
+    /// `TRADEID_ETCD_PASSWORD`, if set.
+    pub(crate) fn from_args(
+        args: &ServeArgs,
+        watchdog: Option<Duration>,
+        etcd_password: Option<String>,
+    ) -> anyhow::Result<ServeConfig> {
         if !(1..=MAX_BATCH_LIMIT).contains(&args.max_batch) {
-            return Err(ConfigError(format!(
+            return Err(anyhow::anyhow!(ConfigError(format!(
                 "--max-batch {} is out of range: it must be 1..={MAX_BATCH_LIMIT} (a reply must fit one UDP datagram)",
                 args.max_batch
-            )));
+            ))));
         }
         let allowed = dataplane::allowed_cpus();
         let cpus: Vec<usize> = match &args.cpus {
@@ -41,22 +46,26 @@ impl ServeConfig {
         if let Some(bad) = cpus.iter().find(|c| !allowed.is_empty() && !allowed.contains(c)) {
             return Err(ConfigError(format!(
                 "--cpus includes CPU {bad}, which is outside this process's affinity mask {allowed:?}"
-            )));
+            ))
+            .into());
         }
         let workers = args.workers.unwrap_or(cpus.len().max(1));
         if !(1..=1024).contains(&workers) {
-            return Err(ConfigError(format!("--workers {workers} is out of range: it must be 1..=1024")));
+            return Err(ConfigError(format!("--workers {workers} is out of range: it must be 1..=1024")).into());
         }
         let worker_cpus =
             (0..workers).map(|i| if cpus.is_empty() { None } else { Some(cpus[i % cpus.len()]) }).collect::<Vec<_>>();
         if args.cpu_steering && worker_cpus.iter().enumerate().any(|(i, c)| *c != Some(i)) {
             return Err(ConfigError(
                 "--cpu-steering needs worker i pinned to CPU i (use --cpus 0-N with as many workers as CPUs)".into(),
-            ));
+            )
+            .into());
         }
         let rate_limit = args.rate_limit.as_deref().map(parse_rate).transpose()?;
         if args.block_max == 0 || args.block_max > 1 << 30 {
-            return Err(ConfigError(format!("--block-max {} is out of range: it must be 1..=2^30", args.block_max)));
+            return Err(
+                ConfigError(format!("--block-max {} is out of range: it must be 1..=2^30", args.block_max)).into()
+            );
         }
         let defaults = GeneratorConfig::default();
         let data = dataplane::Config {
@@ -90,7 +99,16 @@ impl ServeConfig {
                 ..defaults
             },
             cpu_steering: args.cpu_steering,
+            cluster: cluster_options(&args.etcd, etcd_password)?,
         };
+        if data.cluster.is_some() && (data.create || data.partition.is_some()) {
+            return Err(ConfigError(
+                "--etcd cannot go with --create, --node or --nodes: a cluster has no fixed partition, and a node's \
+                 state is made once with `tradeid init --etcd URLS --cluster NAME`"
+                    .into(),
+            )
+            .into());
+        }
         let control = control::Config {
             admin: args.admin,
             max_batch: args.max_batch,
@@ -99,6 +117,52 @@ impl ServeConfig {
         };
         Ok(ServeConfig { data, control })
     }
+}
+
+/// The cluster to join, from the etcd flags (`None` without `--etcd`).
+/// The password comes from `--etcd-password-file` or, failing that, from
+/// `password_env` (`TRADEID_ETCD_PASSWORD`): never from a flag.
+pub(crate) fn cluster_options(
+    args: &EtcdArgs,
+    password_env: Option<String>,
+) -> anyhow::Result<Option<cluster::Options>> {
+    let Some(name) = &args.cluster else { return Ok(None) };
+    if args.endpoints.is_empty() {
+        return Ok(None);
+    }
+    tradeid::state::check_cluster_name(name).map_err(|e| ConfigError(format!("--cluster: {e}")))?;
+    for endpoint in &args.endpoints {
+        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            return Err(ConfigError(format!(
+                "--etcd {endpoint:?} needs a scheme: http://HOST:PORT, or https://HOST:PORT with --etcd-ca"
+            ))
+            .into());
+        }
+    }
+    let user = match &args.etcd_user {
+        None => None,
+        Some(user) => {
+            let password = match &args.etcd_password_file {
+                Some(file) => std::fs::read_to_string(file)
+                    .map_err(|e| ConfigError(format!("cannot read --etcd-password-file {}: {e}", file.display())))?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string(),
+                None => password_env.ok_or_else(|| {
+                    ConfigError(format!(
+                        "--etcd-user {user} needs a password: put it in a file given with --etcd-password-file, or in TRADEID_ETCD_PASSWORD (never on the command line)"
+                    ))
+                })?,
+            };
+            Some((user.clone(), password))
+        }
+    };
+    Ok(Some(cluster::Options {
+        endpoints: args.endpoints.clone(),
+        name: name.clone(),
+        ca: args.etcd_ca.clone(),
+        identity: args.etcd_cert.clone().zip(args.etcd_key.clone()),
+        user,
+    }))
 }
 
 /// Parses "0,2,4-7" into CPU numbers.

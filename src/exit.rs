@@ -22,9 +22,10 @@ pub(crate) struct Unreachable(pub(crate) String);
 /// | 1  | any other failure |
 /// | 65 | EX_DATAERR: the state file is corrupt, or the space is exhausted |
 /// | 66 | EX_NOINPUT: the state file does not exist |
-/// | 69 | EX_UNAVAILABLE: the state file is locked by another process, or no server answered |
+/// | 69 | EX_UNAVAILABLE: the state file is locked by another process, no server answered, or etcd did not |
 /// | 73 | EX_CANTCREAT: init refused (file exists, or no space) |
 /// | 74 | EX_IOERR: an I/O error, including a failed flush |
+/// | 77 | EX_NOPERM: etcd refused the credentials or certificate |
 /// | 78 | EX_CONFIG: invalid flags or configuration |
 pub fn code(err: &anyhow::Error) -> u8 {
     use tradeid::keyfile;
@@ -43,7 +44,7 @@ pub fn code(err: &anyhow::Error) -> u8 {
                 S::Locked { .. } => 69,
                 S::Exists { .. } | S::NoSpace { .. } => 73,
                 S::BadHeader { .. } | S::BadShard { .. } | S::WrongSize { .. } | S::MirrorMismatch { .. } => 65,
-                S::PartitionMismatch { .. } | S::UnsharedKey { .. } => 78,
+                S::PartitionMismatch { .. } | S::UnsharedKey { .. } | S::ClusterBound { .. } => 78,
                 S::Flush { .. } | S::Shrunk { .. } | S::Poisoned | S::Io { .. } => 74,
             };
         }
@@ -55,6 +56,11 @@ pub fn code(err: &anyhow::Error) -> u8 {
         }
         if cause.is::<Unreachable>() {
             return 69;
+        }
+        if let Some(e) = cause.downcast_ref::<crate::cluster::EtcdError>() {
+            // Refused credentials are a configuration to fix; anything else
+            // is etcd being unavailable.
+            return if e.denied { 77 } else { 69 };
         }
     }
     1

@@ -70,6 +70,39 @@ pub struct InitArgs {
     /// log2 of the shard size (for tests: small shards) [default: 22, or the key file's].
     #[arg(long, hide = true, env = "TRADEID_SHARD_BITS")]
     pub shard_bits: Option<u32>,
+    /// Cluster mode: create the cluster in etcd unless it exists, then this
+    /// node's state file bound to it.
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+}
+
+/// How to reach an etcd cluster (cluster mode). The password is never a
+/// flag: it comes from `--etcd-password-file` or `TRADEID_ETCD_PASSWORD`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma-separated (e.g. http://10.0.0.1:2379); turns
+    /// on cluster mode.
+    #[arg(long = "etcd", env = "TRADEID_ETCD", value_delimiter = ',', requires = "cluster")]
+    pub endpoints: Vec<String>,
+    /// The cluster's name: its key prefix in etcd (/tradeid/NAME/).
+    #[arg(long, env = "TRADEID_CLUSTER", requires = "endpoints")]
+    pub cluster: Option<String>,
+    /// CA certificate (PEM) that signed etcd's server certificate; turns on TLS.
+    #[arg(long, env = "TRADEID_ETCD_CA", requires = "endpoints")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's client-certificate authentication.
+    #[arg(long, env = "TRADEID_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "TRADEID_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+    /// etcd user name (etcd authentication); the password comes from
+    /// --etcd-password-file or TRADEID_ETCD_PASSWORD.
+    #[arg(long, env = "TRADEID_ETCD_USER", requires = "endpoints")]
+    pub etcd_user: Option<String>,
+    /// A file holding the etcd user's password (one line).
+    #[arg(long, env = "TRADEID_ETCD_PASSWORD_FILE", requires = "etcd_user")]
+    pub etcd_password_file: Option<PathBuf>,
 }
 
 /// `tradeid keygen`.
@@ -102,8 +135,11 @@ pub struct GenArgs {
 pub struct InspectArgs {
     /// The state file; with mirrors (repeated or comma-separated, as for
     /// `serve`), each mirror is compared with the first.
-    #[arg(long = "state", required = true, env = "TRADEID_STATE", value_delimiter = ',')]
+    #[arg(long = "state", required_unless_present = "endpoints", env = "TRADEID_STATE", value_delimiter = ',')]
     pub state: Vec<PathBuf>,
+    /// With --etcd and --cluster: the cluster-wide view instead.
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
     /// The largest block size the server uses (for the waste bound).
     #[arg(long, default_value_t = GeneratorConfig::default().block_max, env = "TRADEID_BLOCK_MAX")]
     pub block_max: u64,
@@ -151,6 +187,9 @@ pub struct ServeArgs {
     /// Refuse to start unless the state file is for this many nodes.
     #[arg(long, env = "TRADEID_NODES", requires = "node")]
     pub nodes: Option<u32>,
+    /// Cluster mode: serve as a node of an etcd cluster.
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
     /// Admin HTTP listener for /metrics, /healthz, /readyz, /id, /ids
     /// (off by default; keep it on loopback).
     #[arg(long, env = "TRADEID_ADMIN")]

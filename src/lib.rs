@@ -18,6 +18,7 @@
 //! and tests that run a server in-process.
 #![warn(missing_docs)]
 
+mod cluster;
 mod commands;
 mod config;
 mod control;

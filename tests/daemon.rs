@@ -135,14 +135,14 @@ fn a_second_signal_exits_at_once_when_shutdown_is_stuck() {
         &[("TRADEID_TEST_STALL_FILE", stall.to_str().unwrap())],
     )
     .unwrap();
-    assert_eq!(daemon.http_get("/readyz"), (200, "ready\n".into()));
+    assert_eq!(daemon.http_get("/readyz"), (200, "ready: serving\n".into()));
     // Wedge worker 0 (the control plane polls the file every second).
     std::fs::write(&stall, "").unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     // The first SIGTERM cannot finish: the wedged worker never stops.
     assert!(daemon.signal_and_wait("TERM", Duration::from_millis(800)).is_none(), "exited with a wedged worker");
     // While it is stopping, it is alive but no longer ready.
-    assert_eq!(daemon.http_get("/readyz"), (503, "not ready\n".into()));
+    assert_eq!(daemon.http_get("/readyz"), (503, "not ready: stopping\n".into()));
     assert_eq!(daemon.http_get("/healthz").0, 200);
     // The second one exits at once.
     let started = Instant::now();
@@ -161,10 +161,11 @@ fn metrics_move_as_the_server_serves() {
     let (status, before) = daemon.http_get("/metrics");
     assert_eq!(status, 200);
     for name in [
-        "tradeid_requests_total{worker=\"1\"}",
+        "tradeid_datagrams_total{worker=\"1\"}",
+        "tradeid_requests_total{protocol=\"udp\"}",
         "tradeid_ids_served_total",
         "tradeid_drops_total{reason=\"not_allowed\"}",
-        "tradeid_errors_total{code=\"507\"}",
+        "tradeid_errors_total{protocol=\"udp\",code=\"507\"}",
         "tradeid_request_batch_size_bucket{le=\"175\"}",
         "tradeid_blocks_reserved_total",
         "tradeid_block_size",
@@ -183,7 +184,7 @@ fn metrics_move_as_the_server_serves() {
     let (_, after) = daemon.http_get("/metrics");
     assert_eq!(metric_sum(&after, "tradeid_ids_served_total") - metric_sum(&before, "tradeid_ids_served_total"), 100.0);
     assert_eq!(metric_sum(&after, "tradeid_requests_total") - metric_sum(&before, "tradeid_requests_total"), 10.0);
-    assert_eq!(metric_sum(&after, "tradeid_errors_total{code=\"413\"}"), 1.0);
+    assert_eq!(metric_sum(&after, "tradeid_errors_total{protocol=\"udp\",code=\"413\"}"), 1.0);
     assert_eq!(
         metric_sum(&after, "tradeid_request_batch_size_bucket{le=\"16\"}")
             - metric_sum(&before, "tradeid_request_batch_size_bucket{le=\"16\"}"),
@@ -247,7 +248,7 @@ fn openapi_describes_exactly_the_routes() {
         assert_eq!(daemon.http_get(undocumented).0, 404, "{undocumented}");
     }
     assert_eq!(daemon.http_get("/healthz"), (200, "ok\n".into()));
-    assert_eq!(daemon.http_get("/readyz"), (200, "ready\n".into()));
+    assert_eq!(daemon.http_get("/readyz"), (200, "ready: serving\n".into()));
 }
 
 #[test]

@@ -129,6 +129,8 @@ enum Request {
     Next { worker: usize },
     /// Handle `worker` is gone: release its shard.
     Release { worker: usize },
+    /// Fail every request from now on with this error.
+    Refuse(GenError),
 }
 
 /// A run of counters `next..end`, all inside one shard, all covered by a
@@ -142,9 +144,18 @@ struct Block {
 impl Generator {
     /// Starts the reserver for an opened store whose marks are the only
     /// authority (a standalone node or one node of a static partition).
+    ///
+    /// A file that belongs to an etcd cluster gets a generator whose every
+    /// request fails with [`StateError::ClusterBound`]: only the cluster may
+    /// grant its blocks.
     pub fn new(store: Store, config: GeneratorConfig) -> Generator {
+        let refusal = store.check_standalone().err();
         let ledger = LocalLedger::new(&store);
-        Generator::with_ledger(store, config, Box::new(ledger))
+        let generator = Generator::with_ledger(store, config, Box::new(ledger));
+        if let Some(e) = refusal {
+            let _ = generator.requests.send(Request::Refuse(GenError::Storage(Arc::new(e))));
+        }
+        generator
     }
 
     /// Starts the reserver for a store whose blocks `ledger` must grant
@@ -426,6 +437,7 @@ impl Reserver {
                     self.serve(worker);
                 }
                 Request::Next { worker } => self.serve(worker),
+                Request::Refuse(e) => self.failed = Some(e),
                 Request::Release { worker } => {
                     if let Some(slot) = self.workers.get_mut(worker) {
                         if let Some(shard) = slot.shard.take() {

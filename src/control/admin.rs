@@ -5,9 +5,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -20,9 +19,10 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use tradeid::id::ID_LEN;
+use tradeid::protocol::ErrorCode;
 use tradeid::GenError;
 
-use super::metrics::Observer;
+use super::metrics::{Observer, Readiness};
 
 /// Every route, with its summary, as `/openapi.json` describes it.
 pub(crate) const ROUTES: [(&str, &str); 6] = [
@@ -75,12 +75,9 @@ async fn route(req: &Request<Incoming>, observer: &Observer) -> Response<Full<By
             response
         }),
         "/healthz" => no_query(query).unwrap_or_else(|| text(StatusCode::OK, "ok\n".into())),
-        "/readyz" => no_query(query).unwrap_or_else(|| {
-            if observer.ready.load(Ordering::Relaxed) {
-                text(StatusCode::OK, "ready\n".into())
-            } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
-            }
+        "/readyz" => no_query(query).unwrap_or_else(|| match observer.readiness() {
+            Readiness::Ready(detail) => text(StatusCode::OK, format!("ready: {detail}\n")),
+            Readiness::NotReady(detail) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {detail}\n")),
         }),
         "/id" => match no_query(query) {
             Some(bad) => bad,
@@ -125,34 +122,18 @@ pub(crate) fn parse_count(query: &str, max_batch: u16) -> Result<u16, String> {
 
 async fn ids(observer: &Observer, count: u16) -> Response<Full<Bytes>> {
     let mut raw = vec![0u8; usize::from(count) * ID_LEN];
-    let deadline = Instant::now() + Duration::from_secs(1);
-    let mut filled = 0;
-    loop {
-        let result = {
-            let mut slot = observer.http_handle.lock().unwrap_or_else(|p| p.into_inner());
-            if slot.is_none() {
-                match observer.generator.handle() {
-                    Ok(handle) => *slot = Some(handle),
-                    Err(e) => return gen_error(e),
-                }
-            }
-            let handle = slot.as_mut().expect("just set");
-            handle.try_fill(&mut raw[filled * ID_LEN..])
-        };
-        match result {
-            Ok(n) => {
-                filled += n;
-                if filled == usize::from(count) {
-                    break;
-                }
-            }
-            Err(GenError::Unavailable) if Instant::now() < deadline => {}
-            Err(e) if filled > 0 && !matches!(e, GenError::Storage(_)) => break,
-            Err(e) => return gen_error(e),
+    let filled = match observer.http_ids.fill(&mut raw, Duration::from_secs(1)).await {
+        Ok(n) => n,
+        Err(e) => {
+            observer.http.error(if matches!(e, GenError::Exhausted) {
+                ErrorCode::Exhausted
+            } else {
+                ErrorCode::Unavailable
+            });
+            return gen_error(e);
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    observer.http_ids.fetch_add(filled as u64, Ordering::Relaxed);
+    };
+    observer.http.served(filled);
     let mut body = String::with_capacity(filled * (ID_LEN + 1));
     for id in raw[..filled * ID_LEN].chunks_exact(ID_LEN) {
         body.push_str(std::str::from_utf8(id).expect("IDs are ASCII"));

@@ -4,6 +4,7 @@
 //! and tells it to stop; it never touches a datagram.
 
 mod admin;
+mod ids;
 mod metrics;
 pub(crate) mod systemd;
 
@@ -44,8 +45,15 @@ pub(crate) fn run(server: Server, config: Config) -> anyhow::Result<()> {
 }
 
 async fn control(server: Server, config: Config) -> anyhow::Result<()> {
-    let Server { generator, counters, local_addr, workers } = server;
-    let observer = Arc::new(Observer::new(generator, counters, config.max_batch, config.max_waste_per_restart));
+    let Server { generator, counters, local_addr, workers, cluster, start_report } = server;
+    let observer = Arc::new(Observer::new(
+        generator,
+        counters,
+        cluster,
+        start_report,
+        config.max_batch,
+        config.max_waste_per_restart,
+    ));
     if let Some(addr) = config.admin {
         let bound = admin::spawn(addr, Arc::clone(&observer))
             .await
@@ -108,7 +116,7 @@ async fn control(server: Server, config: Config) -> anyhow::Result<()> {
         }
     };
     // From here on the server is stopping: /readyz says so.
-    observer.ready.store(false, Ordering::Relaxed);
+    observer.running.store(false, Ordering::Relaxed);
     let signal_name = match outcome {
         Ok(name) => name,
         Err(e) => {

@@ -25,6 +25,7 @@ use tradeid_udp::{self as udp, SocketOptions};
 pub use counters::Counters;
 pub(crate) use counters::BATCH_BUCKETS;
 
+use crate::cluster::{self, ledger::ClusterStats, ledger::EtcdLedger};
 use crate::exit::ConfigError;
 
 /// What the data plane needs to start.
@@ -52,6 +53,8 @@ pub struct Config {
     pub generator: GeneratorConfig,
     /// SO_ATTACH_REUSEPORT_CBPF steering.
     pub cpu_steering: bool,
+    /// The etcd cluster this node belongs to, if any.
+    pub cluster: Option<cluster::Options>,
 }
 
 impl Config {
@@ -74,6 +77,7 @@ impl Config {
             },
             generator: GeneratorConfig { abort_on_storage_error: true, ..GeneratorConfig::default() },
             cpu_steering: false,
+            cluster: None,
         }
     }
 
@@ -101,6 +105,19 @@ pub struct Server {
     pub local_addr: SocketAddr,
     /// The worker threads.
     pub workers: Workers,
+    /// Coordination state, in cluster mode.
+    pub(crate) cluster: Option<Arc<ClusterStats>>,
+    /// What opening the state found.
+    pub(crate) start_report: StartReport,
+}
+
+/// What opening the state found worth a metric.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct StartReport {
+    /// Shards repaired in mirrors that were behind.
+    pub(crate) repaired_shards: u32,
+    /// Shards whose newest slot was torn (the older one was used).
+    pub(crate) torn_slots: u32,
 }
 
 /// The worker threads: whether any has ended, and how to stop them all.
@@ -135,9 +152,28 @@ impl Server {
     /// Opens the state, binds the sockets, reserves every worker's first
     /// block and starts the workers. When this returns, the server answers.
     pub fn start(config: &Config) -> anyhow::Result<Server> {
-        let store = open_store(config)?;
+        let (store, start_report) = open_store(config)?;
         log_state(&store, config);
-        let generator = Arc::new(Generator::new(store, config.generator.clone()));
+        let (generator, cluster) = match &config.cluster {
+            None => {
+                store.check_standalone()?;
+                (Generator::new(store, config.generator.clone()), None)
+            }
+            Some(options) => {
+                let (etcd, meta) = cluster::open_for_serving(options, store.header().cluster.as_ref(), store.path())?;
+                let h = store.header();
+                if (h.key, h.geometry.width, h.geometry.shard_bits) != (meta.key, meta.width, meta.shard_bits) {
+                    anyhow::bail!(ConfigError(format!(
+                        "state file {} does not match cluster {:?}'s key and geometry in etcd; it was not made by `tradeid init` for this cluster",
+                        store.path().display(),
+                        options.name
+                    )));
+                }
+                let (ledger, stats) = EtcdLedger::start(etcd, meta, &store)?;
+                (Generator::with_ledger(store, config.generator.clone(), Box::new(ledger)), Some(stats))
+            }
+        };
+        let generator = Arc::new(generator);
         let workers = config.worker_cpus.len();
         let (sockets, local_addr, granted) =
             udp::bind_group(config.listen, workers, &config.sockets).with_context(|| {
@@ -161,6 +197,9 @@ impl Server {
                 got = granted.send,
                 "kernel shrank SO_SNDBUF; raise net.core.wmem_max"
             );
+        }
+        if let Some(stats) = &cluster {
+            *stats.listen.lock().unwrap_or_else(|p| p.into_inner()) = Some(local_addr);
         }
         if config.cpu_steering {
             udp::attach_cpu_steering(&sockets[0], workers as u32)
@@ -204,13 +243,20 @@ impl Server {
             cpu_steering = config.cpu_steering,
             "serving"
         );
-        Ok(Server { generator, counters: counters.into(), local_addr, workers: Workers { stop, threads } })
+        Ok(Server {
+            generator,
+            counters: counters.into(),
+            local_addr,
+            workers: Workers { stop, threads },
+            cluster,
+            start_report,
+        })
     }
 }
 
 /// Opens the state (creating it if `create` and missing), with the
 /// operator-facing errors of [`Store::open`].
-pub fn open_store(config: &Config) -> anyhow::Result<Store> {
+fn open_store(config: &Config) -> anyhow::Result<(Store, StartReport)> {
     let (store, report) = match Store::open(&config.state) {
         Err(StateError::NotFound { .. }) if config.create => {
             let (node, nodes) = config.partition.unwrap_or((0, 1));
@@ -239,7 +285,11 @@ pub fn open_store(config: &Config) -> anyhow::Result<Store> {
     if let Some((node, nodes)) = config.partition {
         store.check_partition(node, nodes)?;
     }
-    Ok(store)
+    let start_report = StartReport {
+        repaired_shards: report.repaired.iter().map(|(_, n)| n).sum(),
+        torn_slots: report.fell_back.len() as u32,
+    };
+    Ok((store, start_report))
 }
 
 fn log_state(store: &Store, config: &Config) {

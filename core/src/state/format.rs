@@ -96,6 +96,57 @@ pub struct Header {
     /// Whether the header records its space id (files made before it was
     /// recorded have zeros there; their id is derived from the key).
     pub records_space_id: bool,
+    /// The etcd cluster this file is a node of, if any: its marks are then
+    /// only a local floor, and it may be served only through that cluster.
+    pub cluster: Option<ClusterBinding>,
+}
+
+/// The etcd cluster a state file belongs to: the cluster's random id (so a
+/// cluster deleted and created again under the same name is another
+/// cluster) and its name.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ClusterBinding {
+    /// The cluster's random id, from its metadata in etcd. Never 0.
+    pub id: u64,
+    name: [u8; CLUSTER_NAME_MAX],
+    name_len: u8,
+}
+
+impl ClusterBinding {
+    /// A binding to cluster `name` (1..=64 of `A-Z a-z 0-9 . _ -`) with id `id`.
+    pub fn new(id: u64, name: &str) -> Result<ClusterBinding, String> {
+        check_cluster_name(name)?;
+        if id == 0 {
+            return Err("a cluster id is never 0".into());
+        }
+        let mut bytes = [0u8; CLUSTER_NAME_MAX];
+        bytes[..name.len()].copy_from_slice(name.as_bytes());
+        Ok(ClusterBinding { id, name: bytes, name_len: name.len() as u8 })
+    }
+
+    /// The cluster's name.
+    pub fn name(&self) -> &str {
+        // Only ever built from a checked ASCII name.
+        std::str::from_utf8(&self.name[..usize::from(self.name_len)]).expect("cluster names are ASCII")
+    }
+}
+
+impl std::fmt::Debug for ClusterBinding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ClusterBinding({} {:016x})", self.name(), self.id)
+    }
+}
+
+/// Checks a cluster name: 1..=64 characters of `A-Z a-z 0-9 . _ -`, so it
+/// is safe in an etcd key and in a file header.
+pub fn check_cluster_name(name: &str) -> Result<(), String> {
+    let ok = (1..=CLUSTER_NAME_MAX).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("cluster name {name:?} must be 1 to {CLUSTER_NAME_MAX} characters of A-Z, a-z, 0-9, '.', '_', '-'"))
+    }
 }
 
 impl Header {
@@ -112,7 +163,23 @@ impl Header {
         getrandom::fill(&mut id).map_err(io::Error::other)?;
         let created_unix =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        Ok(Header { geometry, sequential, key, file_id: u64::from_le_bytes(id), created_unix, records_space_id: true })
+        Ok(Header {
+            geometry,
+            sequential,
+            key,
+            file_id: u64::from_le_bytes(id),
+            created_unix,
+            records_space_id: true,
+            cluster: None,
+        })
+    }
+
+    /// A fresh header for a node of an etcd cluster whose space is `key`
+    /// over `width` bits in shards of 2^`shard_bits`. Every shard is open to
+    /// every node: the cluster, not a partition, keeps them apart.
+    pub fn for_cluster(width: u32, shard_bits: u32, key: Key, cluster: ClusterBinding) -> io::Result<Header> {
+        let geometry = Geometry { width, shard_bits, node: 0, nodes: 1 };
+        Ok(Header { cluster: Some(cluster), ..Header::with_key(geometry, false, key)? })
     }
 
     /// The identity of the ID space this file is a node of: files whose IDs
@@ -165,7 +232,7 @@ impl Header {
         let mut page = [0u8; HEADER_LEN];
         page[0..8].copy_from_slice(MAGIC);
         put_u32(&mut page, 8, FORMAT_VERSION);
-        put_u32(&mut page, 12, u32::from(self.sequential));
+        put_u32(&mut page, 12, u32::from(self.sequential) | if self.cluster.is_some() { FLAG_CLUSTER } else { 0 });
         put_u32(&mut page, 16, g.width);
         put_u32(&mut page, 20, g.shard_count());
         put_u64(&mut page, 24, g.shard_size());
@@ -178,6 +245,10 @@ impl Header {
         put_u64(&mut page, 80, self.created_unix);
         if self.records_space_id {
             put_u64(&mut page, 88, self.space_id().0);
+        }
+        if let Some(cluster) = &self.cluster {
+            put_u64(&mut page, 96, cluster.id);
+            page[104..104 + CLUSTER_NAME_MAX].copy_from_slice(&cluster.name);
         }
         let crc = crc32fast::hash(&page[..HEADER_CRC_AT]);
         put_u32(&mut page, HEADER_CRC_AT, crc);
@@ -206,7 +277,7 @@ impl Header {
             ));
         }
         let flags = get_u32(page, 12);
-        if flags & !1 != 0 {
+        if flags & !(FLAG_SEQUENTIAL | FLAG_CLUSTER) != 0 {
             return Err(format!("unknown header flags {flags:#x}; written by a newer tradeid?"));
         }
         let width = get_u32(page, 16);
@@ -232,11 +303,26 @@ impl Header {
         let stored_space = get_u64(page, 88);
         let header = Header {
             geometry,
-            sequential: flags & 1 == 1,
+            sequential: flags & FLAG_SEQUENTIAL != 0,
             key: Key(key),
             file_id: get_u64(page, 40),
             created_unix: get_u64(page, 80),
             records_space_id: stored_space != 0,
+            cluster: None,
+        };
+        let header = if flags & FLAG_CLUSTER == 0 {
+            header
+        } else {
+            let name_bytes = &page[104..104 + CLUSTER_NAME_MAX];
+            let len = name_bytes.iter().position(|&b| b == 0).unwrap_or(CLUSTER_NAME_MAX);
+            let name =
+                std::str::from_utf8(&name_bytes[..len]).map_err(|_| "its cluster name is not text".to_string())?;
+            let binding = ClusterBinding::new(get_u64(page, 96), name)
+                .map_err(|e| format!("its cluster binding is invalid: {e}"))?;
+            if header.sequential || header.geometry.nodes != 1 {
+                return Err("a cluster node's file must be keyed and unpartitioned".into());
+            }
+            Header { cluster: Some(binding), ..header }
         };
         if header.records_space_id && stored_space != header.space_id().0 {
             return Err(format!(
@@ -422,6 +508,11 @@ fn get_u64(buf: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"))
 }
 
+const FLAG_SEQUENTIAL: u32 = 1;
+const FLAG_CLUSTER: u32 = 2;
+/// The longest cluster name.
+pub const CLUSTER_NAME_MAX: usize = 64;
+
 /// Size of the header page.
 pub const HEADER_LEN: usize = 4096;
 const HEADER_CRC_AT: usize = HEADER_LEN - 4;
@@ -463,6 +554,7 @@ mod tests {
             file_id: 0x0123_4567_89ab_cdef,
             created_unix: 1_700_000_000,
             records_space_id: false,
+            cluster: None,
         };
         // A header from before the space id was recorded: still read as it was.
         let page = header.encode();
@@ -476,6 +568,28 @@ mod tests {
         assert_eq!(get_u64(&page, 88), GOLDEN_SPACE_ID);
         assert_eq!(current.space_id().to_string(), "aea4-8dfe-3611-2351");
         assert_eq!(Header::decode(&page).unwrap(), current);
+    }
+
+    #[test]
+    fn a_cluster_binding_round_trips_and_is_validated() {
+        let binding = ClusterBinding::new(0xfeed, "prod-eu.1").unwrap();
+        let h = Header::for_cluster(20, 8, Key([5, 6, 7, 8]), binding).unwrap();
+        let page = h.encode();
+        assert_eq!(get_u32(&page, 12), FLAG_CLUSTER);
+        let back = Header::decode(&page).unwrap();
+        assert_eq!(back, h);
+        assert_eq!(back.cluster.unwrap().name(), "prod-eu.1");
+        for bad in ["", "has space", "slash/", &"x".repeat(65), "ünï"] {
+            assert!(ClusterBinding::new(1, bad).is_err(), "{bad:?}");
+        }
+        assert!(ClusterBinding::new(0, "ok").is_err());
+        // A file written for a cluster with a flag an older tradeid does
+        // not know is refused by it: "unknown header flags".
+        let mut future = page;
+        put_u32(&mut future, 12, FLAG_CLUSTER | 0x100);
+        let crc = crc32fast::hash(&future[..HEADER_CRC_AT]);
+        put_u32(&mut future, HEADER_CRC_AT, crc);
+        assert!(Header::decode(&future).unwrap_err().contains("unknown header flags"));
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //! offset 0     header, 4096 bytes
 //!   0   8  magic "TRADEID\0"
 //!   8   4  format version (1)
-//!  12   4  flags (bit 0: sequential, identity permutation)
+//!  12   4  flags (bit 0: sequential, identity permutation;
+//!           bit 1: a node of an etcd cluster)
 //!  16   4  counter width in bits (2..=35)
 //!  20   4  shard count
 //!  24   8  shard size (IDs per shard); count × size = 2^width
@@ -25,7 +26,9 @@
 //!  80   8  creation time, seconds since the Unix epoch
 //!  88   8  space id: SHA-256 of the key and geometry (see `Header::space_id`);
 //!           0 in files made before it was recorded
-//!  96 ...  zero
+//!  96   8  cluster id   } with flag bit 1 (cluster): the etcd cluster this
+//! 104  64  cluster name } node belongs to; zero otherwise
+//! 168 ...  zero
 //! 4092  4  CRC-32 of bytes 0..4092
 //! offset 4096  shard records, 64 bytes each, in shard order
 //!   two 32-byte slots: seq u64 | mark u64 | 12 zero bytes | CRC-32
@@ -46,7 +49,9 @@ pub mod format;
 mod store;
 
 pub use create::{create, create_durably};
-pub use format::{decode_shard, encode_slot, Geometry, Header, SlotState, Snapshot, SpaceId};
+pub use format::{
+    check_cluster_name, decode_shard, encode_slot, ClusterBinding, Geometry, Header, SlotState, Snapshot, SpaceId,
+};
 pub use store::{OpenReport, Store};
 
 /// Why a state file could not be created, opened or updated.
@@ -154,6 +159,14 @@ pub enum StateError {
         path: PathBuf,
         /// How many nodes its header records.
         nodes: u32,
+    },
+    /// A cluster node's file, opened without its cluster.
+    #[error("state file {path} belongs to etcd cluster {cluster:?}: its marks are only a local floor, and serving or generating from it without etcd would hand out IDs other nodes hold. Use `tradeid serve --state {path} --etcd URLS --cluster {cluster}`")]
+    ClusterBound {
+        /// The file.
+        path: PathBuf,
+        /// The cluster's name.
+        cluster: String,
     },
     /// A previous flush failed, so nothing more is written.
     #[error("an earlier flush of the state failed; no more blocks are reserved in this process")]

@@ -152,6 +152,22 @@ impl Store {
         self.header.check_partition(&self.mirrors[0].path, node, nodes)
     }
 
+    /// Refuses a file that belongs to an etcd cluster: only the cluster may
+    /// grant its blocks.
+    pub fn check_standalone(&self) -> Result<(), StateError> {
+        match &self.header.cluster {
+            None => Ok(()),
+            Some(c) => {
+                Err(StateError::ClusterBound { path: self.mirrors[0].path.clone(), cluster: c.name().to_string() })
+            }
+        }
+    }
+
+    /// The first file's path (the one errors name).
+    pub fn path(&self) -> &Path {
+        &self.mirrors[0].path
+    }
+
     /// The validated header.
     pub fn header(&self) -> &Header {
         &self.header

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import enum
 import functools
+import operator
 import struct
-from typing import List, Optional, Union
+from typing import Callable, Dict, Tuple, Union
 
 from ._codec import ALPHABET, ID_LEN
 
@@ -61,14 +62,27 @@ def encode_request(count: int) -> bytes:
 
 #: What a reply datagram is: the IDs it carries, an error code, or ``None``
 #: for anything else (not from a tradeid server: ignored).
-Reply = Union[List[str], ErrorCode, None]
+Reply = Union[Tuple[str, ...], ErrorCode, None]
+
+# Number of IDs -> a function cutting a text of that many IDs into a tuple of
+# 7-character strings in one C call (operator.itemgetter over slices: about
+# twice as fast as a comprehension of slices).
+_SPLITTERS: Dict[int, Callable[[str], Tuple[str, ...]]] = {1: lambda text: (text,)}
+
+
+def _splitter(count: int) -> Callable[[str], Tuple[str, ...]]:
+    split = _SPLITTERS.get(count)
+    if split is None:
+        split = operator.itemgetter(*(slice(i, i + ID_LEN) for i in range(0, count * ID_LEN, ID_LEN)))
+        _SPLITTERS[count] = split
+    return split
 
 
 def decode_reply(data: bytes) -> Reply:
     """Classifies and decodes one reply datagram.
 
     IDs must be canonical (uppercase, no aliases), 7 bytes each, back to
-    back; the check and the split are done on the whole datagram with C-level
+    back; the check and the split work on the whole datagram with C-level
     operations (``translate``, ``decode``, slicing), not per character.
     """
     size = len(data)
@@ -78,10 +92,4 @@ def decode_reply(data: bytes) -> Reply:
         return _ERROR_REPLIES.get(data) if size == ID_LEN else None
     if data.translate(None, _ALPHABET_BYTES):
         return None  # some byte is not a canonical ID character
-    text = data.decode("ascii")
-    return [text[i : i + ID_LEN] for i in range(0, size, ID_LEN)]
-
-
-def error_code(reply: Reply) -> Optional[ErrorCode]:
-    """The error code of a decoded reply, if it is one."""
-    return reply if isinstance(reply, ErrorCode) else None
+    return _splitter(size // ID_LEN)(data.decode("ascii"))

@@ -15,13 +15,12 @@ from typing import Dict, List, Optional, Sequence, Type, TypeVar, Union
 
 from . import _engine
 from ._address import Endpoint, Resolved, resolve, split_servers
+from ._codec import ID_LEN
 from ._errors import ClientClosed, ConfigError, TransportError
-from ._protocol import DEFAULT_MAX_BATCH, MAX_BATCH_LIMIT
+from ._protocol import DEFAULT_MAX_BATCH, MAX_BATCH_LIMIT, decode_reply, encode_request
 
 T = TypeVar("T")
 
-#: Bytes read per datagram: the largest UDP payload.
-RECV_SIZE = 65535
 
 # Bumped in a forked child, so that it opens sockets of its own instead of
 # sharing (and stealing replies from) its parent's.
@@ -65,12 +64,15 @@ class _Socket:
     Elsewhere it uses Python's ``settimeout``.
     """
 
-    __slots__ = ("sock", "_rcvtimeo")
+    __slots__ = ("sock", "_rcvtimeo", "_recv_size")
 
     _KERNEL_TIMEOUT = sys.platform.startswith("linux") and hasattr(socket, "SO_RCVTIMEO")
     _TIMEVAL = struct.Struct("@ll")
 
-    def __init__(self, target: Resolved) -> None:
+    def __init__(self, target: Resolved, recv_size: int) -> None:
+        # Replies are never longer than the largest request asked for: a
+        # small buffer is cheaper to allocate than a 64 KiB one per datagram.
+        self._recv_size = recv_size
         self.sock = socket.socket(target.family, socket.SOCK_DGRAM)
         try:
             self.sock.connect(target.sockaddr)
@@ -92,16 +94,19 @@ class _Socket:
         sock = self.sock
         try:
             if self._KERNEL_TIMEOUT:
-                if timeout != self._rcvtimeo:
+                # A setsockopt per wait would cost as much as the recv; reuse
+                # the timeout set last unless it is off by a millisecond or
+                # more (a wait that long past the engine's deadline is harmless).
+                if not 0.0 <= self._rcvtimeo - timeout < 0.001:
                     # Rounded up to a whole microsecond: 0 would mean "forever".
                     micros = max(1, math.ceil(timeout * 1e6))
                     sock.setsockopt(
                         socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._TIMEVAL.pack(*divmod(micros, 1_000_000))
                     )
                     self._rcvtimeo = timeout
-                return sock.recv(RECV_SIZE)
+                return sock.recv(self._recv_size)
             sock.settimeout(timeout)
-            return sock.recv(RECV_SIZE)
+            return sock.recv(self._recv_size)
         except (BlockingIOError, socket.timeout, ConnectionRefusedError):
             return None
 
@@ -123,10 +128,11 @@ class _Channel:
     collected (its thread ended), whichever comes first.
     """
 
-    __slots__ = ("session", "generation", "_targets", "_servers", "_sockets", "_finalizer", "__weakref__")
+    __slots__ = ("session", "generation", "_targets", "_servers", "_recv_size", "_sockets", "_finalizer", "__weakref__")
 
-    def __init__(self, targets: Sequence[Resolved], servers: Sequence[str]) -> None:
+    def __init__(self, targets: Sequence[Resolved], servers: Sequence[str], recv_size: int) -> None:
         self.session = _engine.Session()
+        self._recv_size = recv_size
         self.generation = _fork_generation
         self._targets = targets
         self._servers = servers
@@ -142,11 +148,51 @@ class _Channel:
             if not self._finalizer.alive:
                 raise ClientClosed()
             try:
-                s = _Socket(self._targets[index])
+                s = _Socket(self._targets[index], self._recv_size)
             except OSError as e:
                 raise TransportError(self._servers[index], e) from e
             self._sockets[index] = s
         return s
+
+    def take(self, settings: _engine.Settings, shared: _engine.Shared, count: int) -> List[str]:
+        """``count`` new IDs.
+
+        The common case (one request answered at once by fresh IDs) is done
+        inline, without the engine's generator machinery: a single ID costs
+        little more than the two system calls. Anything else (a timeout, an
+        error reply, duplicates, a short reply, a bulk call) goes to the
+        engine, which carries on from where this left off, so behaviour is
+        the same either way.
+        """
+        session = self.session
+        index = session.current
+        if count > shared.max_batch or shared.exhausted[index]:
+            return self.run(_engine.take(settings, shared, session, count))
+        try:
+            sock = self._sockets[index] or self._socket(index)
+            if not sock.send(encode_request(count)):
+                prior = _engine.Prior(index, count, False, None)
+            else:
+                data = sock.recv(settings.timeout)
+                prior = _engine.Prior(index, count, True, data)
+                if data is not None:
+                    ids = decode_reply(data)
+                    if type(ids) is tuple and len(ids) >= count:
+                        fresh = session.recent.admit(ids)
+                        if fresh is ids:  # all fresh: done
+                            if len(ids) > count:
+                                session.spare.extend(ids[count:])
+                            return list(ids[:count])
+                        # Some were network duplicates. Keep the fresh ones
+                        # (the engine takes them first) and let the engine
+                        # wait on, as it would for a reply it cannot use.
+                        session.spare.extend(fresh)
+                        prior.reply = b""
+        except OSError as e:
+            if not self._finalizer.alive:
+                raise ClientClosed() from e
+            raise TransportError(self._servers[index], e) from e
+        return self.run(_engine.take(settings, shared, session, count, prior))
 
     def run(self, steps: _engine.Steps[T]) -> T:
         """Performs the engine's I/O until it returns."""
@@ -159,7 +205,7 @@ class _Channel:
                     result = None
                     continue
                 try:
-                    sock = self._socket(action.server)
+                    sock = self._sockets[action.server] or self._socket(action.server)
                     if isinstance(action, _engine.Recv):
                         result = sock.recv(action.timeout)
                     else:
@@ -205,6 +251,7 @@ class Client:
         self._targets = [resolve(e) for e in endpoints]
         self._settings = _engine.Settings([e.text for e in endpoints], float(timeout), attempts, window)
         self._shared = _engine.Shared(max_batch, len(endpoints))
+        self._recv_size = max(64, max_batch * ID_LEN)
         self._local = threading.local()
         # Every open channel, so close() can reach other threads' sockets.
         # Plain dict operations are atomic, so registering needs no lock.
@@ -222,7 +269,7 @@ class Client:
             return channel
         if self._closed:
             raise ClientClosed()
-        channel = _Channel(self._targets, self._settings.servers)
+        channel = _Channel(self._targets, self._settings.servers, self._recv_size)
         key = id(channel)
         channels = self._channels
         channels[key] = weakref.ref(channel, lambda _ref: channels.pop(key, None))
@@ -240,7 +287,7 @@ class Client:
         spare = channel.session.spare
         if spare:
             return spare.popleft()
-        return channel.run(_engine.take(self._settings, self._shared, channel.session, 1))[0]
+        return channel.take(self._settings, self._shared, 1)[0]
 
     def next_ids(self, count: int) -> List[str]:
         """``count`` new IDs, all distinct, in as many requests as needed."""
@@ -250,7 +297,10 @@ class Client:
         if count == 0:
             return []
         channel = self._channel()
-        return channel.run(_engine.take(self._settings, self._shared, channel.session, count))
+        spare = channel.session.spare
+        if len(spare) >= count:
+            return [spare.popleft() for _ in range(count)]
+        return channel.take(self._settings, self._shared, count)
 
     def close(self) -> None:
         """Closes every thread's sockets. Later calls raise ClientClosed.

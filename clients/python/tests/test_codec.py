@@ -1,0 +1,124 @@
+"""tradeid.parse and tradeid.is_valid, driven by the shared vectors file
+(tests/vectors/ids.json, also read by the Rust tests)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+from support import VECTORS
+
+import tradeid
+
+DOC: Dict[str, Any] = json.loads(VECTORS.read_text(encoding="utf-8"))
+VALID: List[Dict[str, Any]] = DOC["plain"]["valid"]
+INVALID: List[Dict[str, Any]] = DOC["plain"]["invalid"]
+
+
+def test_vectors_file_is_well_formed() -> None:
+    assert DOC["version"] == 1
+    assert DOC["alphabet"] == tradeid.ALPHABET
+    assert len(VALID) >= 20 and len(INVALID) >= 20
+    for case in VALID:
+        assert set(case) <= {"input", "canonical", "note"}
+        assert len(case["canonical"]) == 7
+    for case in INVALID:
+        assert case["reason"] in ("invalid_char", "length")
+        if case["reason"] == "invalid_char":
+            assert len(case["char"]) == 1 and isinstance(case["position"], int)
+        else:
+            assert isinstance(case["digits"], int)
+
+
+@pytest.mark.parametrize("case", VALID, ids=[repr(c["input"]) for c in VALID])
+def test_valid(case: Dict[str, Any]) -> None:
+    assert tradeid.parse(case["input"]) == case["canonical"]
+    assert tradeid.is_valid(case["input"])
+    # The canonical form is a fixed point.
+    assert tradeid.parse(case["canonical"]) == case["canonical"]
+
+
+@pytest.mark.parametrize("case", INVALID, ids=[repr(c["input"]) for c in INVALID])
+def test_invalid(case: Dict[str, Any]) -> None:
+    assert not tradeid.is_valid(case["input"])
+    with pytest.raises(tradeid.InvalidId) as info:
+        tradeid.parse(case["input"])
+    error = info.value
+    assert isinstance(error, ValueError) and isinstance(error, tradeid.TradeIdError)
+    assert error.reason == case["reason"]
+    assert error.text == case["input"]
+    if case["reason"] == "invalid_char":
+        assert (error.char, error.position) == (case["char"], case["position"])
+        assert f"at position {case['position']}" in str(error)
+    else:
+        assert error.digits == case["digits"]
+        assert str(error) == f"an ID has exactly 7 characters, found {case['digits']}"
+
+
+def test_messages_match_the_rust_wording() -> None:
+    def message(text: str) -> str:
+        with pytest.raises(tradeid.InvalidId) as info:
+            tradeid.parse(text)
+        return str(info.value)
+
+    tail = (
+        "; an ID uses only 0-9 and A-Z without I, L, O, U "
+        "(I and L read as 1, O as 0; hyphens and spaces are ignored)"
+    )
+    assert message("B762FU0") == "'U' is never used in IDs (Crockford base32 leaves it out) at position 5" + tail
+    assert message("B76_F00") == "'_' is not an ID character at position 3" + tail
+    assert message("B76\u00c9F00") == "'\u00c9' is not an ID character at position 3" + tail
+    assert message("B762F0\t") == "control character '\\t' at position 6" + tail
+    assert message("B762\x1bF00") == "control character '\\u{1b}' at position 4" + tail
+    assert message("B762F0") == "an ID has exactly 7 characters, found 6"
+
+
+def test_modes() -> None:
+    assert tradeid.parse("b762f00", mode="plain") == "B762F00"
+    with pytest.raises(ValueError, match="unknown ID mode"):
+        tradeid.parse("B762F00", mode="check")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown ID mode"):
+        tradeid.is_valid("B762F00", mode="check")  # type: ignore[arg-type]
+
+
+def test_non_strings() -> None:
+    with pytest.raises(TypeError):
+        tradeid.parse(b"B762F00")  # type: ignore[arg-type]
+    assert not tradeid.is_valid(b"B762F00")  # type: ignore[arg-type]
+    assert not tradeid.is_valid(None)  # type: ignore[arg-type]
+
+
+def test_every_alphabet_character_round_trips() -> None:
+    for ch in tradeid.ALPHABET:
+        assert tradeid.parse(ch * 7) == ch * 7
+        assert tradeid.parse(ch.lower() * 7) == ch * 7
+
+
+def test_the_rust_parser_agrees_with_the_vectors(tradeid_bin: Path, tmp_path: Path) -> None:
+    """`tradeid decode` runs the Rust Id::parse: same results, same messages
+    (inputs with a NUL cannot be passed as an argument)."""
+    from support import init_state
+
+    state = init_state(tradeid_bin, tmp_path)
+    for case in VALID + INVALID:
+        text = case["input"]
+        if "\x00" in text:
+            continue
+        result = subprocess.run(
+            [str(tradeid_bin), "decode", "--state", str(state), "--", text],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if "canonical" in case:
+            assert result.returncode == 0, (case, result.stderr)
+            fields = dict(line.split(None, 1) for line in result.stdout.splitlines() if line.strip())
+            assert fields["id"].strip() == case["canonical"], case
+        else:
+            assert result.returncode != 0, case
+            with pytest.raises(tradeid.InvalidId) as info:
+                tradeid.parse(text)
+            assert str(info.value) in result.stderr, (case, result.stderr)
