@@ -109,6 +109,7 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
 
 fn gen(args: GenArgs) -> anyhow::Result<()> {
     let (store, _report) = Store::open(&args.state)?;
+    store.check_standalone()?;
     // Blocks sized to the request: a one-off `gen -n 5` skips at most 5 IDs
     // (its unused prefetched block) instead of two default blocks.
     let block = args.count.clamp(1, GeneratorConfig::default().block_max);
@@ -331,10 +332,12 @@ fn init_cluster_node(args: &InitArgs, options: &cluster::Options) -> anyhow::Res
     }
     let width = args.width.unwrap_or(Geometry::DEFAULT.width);
     let shard_bits = args.shard_bits.unwrap_or(Geometry::DEFAULT.shard_bits);
-    Geometry { width, shard_bits, node: 0, nodes: 1 }
-        .validate()
-        .map_err(|e| ConfigError(format!("invalid --width/--shard-bits: {e}")))?;
     let etcd = Etcd::connect(options)?;
+    if etcd.meta()?.is_none() {
+        Geometry { width, shard_bits, node: 0, nodes: 1 }
+            .validate()
+            .map_err(|e| ConfigError(format!("invalid --width/--shard-bits: {e}")))?;
+    }
     let (meta, created) = etcd.create_or_join(width, shard_bits)?;
     if !created
         && (args.width.is_some_and(|w| w != meta.width) || args.shard_bits.is_some_and(|b| b != meta.shard_bits))

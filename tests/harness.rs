@@ -284,3 +284,73 @@ pub fn fetch(addr: SocketAddr, count: u16) -> Vec<String> {
         std::thread::sleep(Duration::from_millis(1));
     }
 }
+
+/// What a load run collected: every ID received, and error replies by text.
+#[derive(Default, Debug)]
+pub struct Collected {
+    pub ids: Vec<String>,
+    pub errors: std::collections::BTreeMap<String, usize>,
+}
+
+/// Sends a mix of single and bulk requests from `clients` threads, each
+/// with its own socket, round-robin over whatever addresses `targets` holds
+/// at the time, until `stop` is set; returns everything received (late
+/// replies included: they are real IDs too).
+pub fn hammer_targets(
+    targets: &Mutex<Vec<SocketAddr>>,
+    clients: usize,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Collected {
+    use std::sync::atomic::Ordering;
+    let results: Vec<Collected> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..clients)
+            .map(|c| {
+                s.spawn(move || {
+                    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+                    socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+                    let mut got = Collected::default();
+                    let mut buf = vec![0u8; 2048];
+                    let mut i = c;
+                    let take = |n: usize, buf: &[u8], got: &mut Collected| {
+                        if buf[..n].starts_with(b"!ERR") {
+                            *got.errors.entry(String::from_utf8_lossy(&buf[..n]).into_owned()).or_default() += 1;
+                        } else {
+                            got.ids.extend(ids_of(&buf[..n]));
+                        }
+                    };
+                    while !stop.load(Ordering::Relaxed) {
+                        let list = targets.lock().unwrap().clone();
+                        if list.is_empty() {
+                            std::thread::sleep(Duration::from_millis(5));
+                            continue;
+                        }
+                        let target = list[i % list.len()];
+                        let count = [1u16, 175, 16, 1, 2][i % 5];
+                        i += 1;
+                        if socket.send_to(&request(count), target).is_err() {
+                            std::thread::sleep(Duration::from_millis(2));
+                            continue;
+                        }
+                        if let Ok(n) = socket.recv(&mut buf) {
+                            take(n, &buf, &mut got);
+                        }
+                    }
+                    socket.set_read_timeout(Some(Duration::from_millis(30))).unwrap();
+                    while let Ok(n) = socket.recv(&mut buf) {
+                        take(n, &buf, &mut got);
+                    }
+                    got
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut all = Collected::default();
+    for r in results {
+        all.ids.extend(r.ids);
+        for (k, v) in r.errors {
+            *all.errors.entry(k).or_default() += v;
+        }
+    }
+    all
+}

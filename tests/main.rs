@@ -5,9 +5,11 @@
 // between test modules".
 #![allow(unreachable_pub)]
 
+mod etcd;
 mod harness;
 
 mod cli;
+mod cluster;
 mod daemon;
 mod hostile;
 mod server;

@@ -1,0 +1,663 @@
+//! Cluster mode against a real etcd: several nodes under load, kill -9
+//! chaos with stale and cloned state files, an etcd leader killed, etcd
+//! fully down, nodes racing for one shard, a small space drained exactly
+//! once, and TLS and authentication. Uniqueness is always checked on IDs.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::etcd::{Etcd, Tls};
+use crate::harness::*;
+
+/// `tradeid init --state DIR/NAME --etcd E --cluster C EXTRA...`.
+fn init_node(dir: &Path, name: &str, etcd: &str, cluster: &str, extra: &[&str]) -> PathBuf {
+    let mut args = vec!["--etcd", etcd, "--cluster", cluster];
+    args.extend_from_slice(extra);
+    init_state(dir, name, &args)
+}
+
+/// A node serving `state` in cluster `cluster`.
+fn serve_node(state: &Path, etcd: &str, cluster: &str, extra: &[&str]) -> Daemon {
+    let mut args = vec!["--etcd", etcd, "--cluster", cluster, "--admin", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    Daemon::start(state, &args)
+}
+
+fn assert_unique(ids: &[String], context: &str) -> HashSet<String> {
+    let mut seen = HashSet::with_capacity(ids.len());
+    for id in ids {
+        assert!(seen.insert(id.clone()), "{context}: duplicate ID {id}");
+    }
+    seen
+}
+
+/// Loads `targets` from `clients` threads while `during` runs.
+fn under_load<T>(targets: &Mutex<Vec<SocketAddr>>, clients: usize, during: impl FnOnce() -> T) -> (Collected, T) {
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let load = s.spawn(|| hammer_targets(targets, clients, &stop));
+        let result = during();
+        stop.store(true, Ordering::Relaxed);
+        (load.join().unwrap(), result)
+    })
+}
+
+#[test]
+fn three_nodes_under_mixed_load_issue_no_id_twice() {
+    let etcd = Etcd::single();
+    let dir = tempfile::tempdir().unwrap();
+    let nodes: Vec<Daemon> = (0..3)
+        .map(|i| {
+            let state = init_node(dir.path(), &format!("n{i}"), &etcd.endpoints(), "mixed", &[]);
+            serve_node(&state, &etcd.endpoints(), "mixed", &["--workers", "2", "--block-max", "65536"])
+        })
+        .collect();
+    let targets = Mutex::new(nodes.iter().map(|n| n.addr).collect());
+    let (got, ()) = under_load(&targets, 6, || std::thread::sleep(Duration::from_secs(3)));
+    assert!(got.ids.len() > 100_000, "only {} IDs", got.ids.len());
+    assert_unique(&got.ids, "3 nodes");
+    // Every node served, and reserved through etcd.
+    for node in &nodes {
+        assert!(node.metric("tradeid_ids_served_total") > 0.0);
+        assert!(node.metric("tradeid_etcd_txn_total{result=\"committed\"}") >= 2.0);
+    }
+    // The cluster-wide view lists the three live nodes.
+    let out = run(&["inspect", "--etcd", &etcd.endpoints(), "--cluster", "mixed"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("live nodes     3"), "{text}");
+    assert!(text.contains("shards claimed:") && text.contains("last="), "{text}");
+}
+
+/// kill -9 chaos across nodes, including a restart from a stale copy of a
+/// node's state file, a copy of a running node's file served beside it,
+/// and nodes joining mid-run. Small blocks make reservations frequent.
+#[test]
+fn kill_9_chaos_across_nodes_with_stale_and_cloned_state_files() {
+    let etcd = Etcd::single();
+    let e = etcd.endpoints();
+    let dir = tempfile::tempdir().unwrap();
+    let seed = seed();
+    let mut rng = Rng(seed);
+    let rounds = iterations("TRADEID_CLUSTER_CHAOS_ROUNDS", 12);
+    let flags = ["--workers", "1", "--block-max", "2048"];
+    let mut states: Vec<PathBuf> = (0..2).map(|i| init_node(dir.path(), &format!("n{i}"), &e, "chaos", &[])).collect();
+    let mut nodes: Vec<Option<Daemon>> = states.iter().map(|s| Some(serve_node(s, &e, "chaos", &flags))).collect();
+    let stale = dir.path().join("stale-copy-of-n0");
+    std::fs::copy(&states[0], &stale).unwrap();
+    let targets = Mutex::new(Vec::new());
+    let set_targets =
+        |nodes: &[Option<Daemon>]| *targets.lock().unwrap() = nodes.iter().flatten().map(|n| n.addr).collect();
+    set_targets(&nodes);
+    let (got, actions) = under_load(&targets, 4, || {
+        let mut actions = Vec::new();
+        for round in 0..rounds {
+            std::thread::sleep(Duration::from_millis(150 + rng.below(200)));
+            let action = rng.below(4);
+            let i = rng.below(nodes.len() as u64) as usize;
+            match action {
+                // kill -9 a node and bring it back.
+                0 => {
+                    if let Some(mut node) = nodes[i].take() {
+                        node.kill9();
+                    }
+                    set_targets(&nodes);
+                    nodes[i] = Some(serve_node(&states[i], &e, "chaos", &flags));
+                    actions.push(format!("round {round}: kill -9 and restart node {i}"));
+                }
+                // kill -9 node 0 and restart it from its stale copy.
+                1 => {
+                    if let Some(mut node) = nodes[0].take() {
+                        node.kill9();
+                    }
+                    set_targets(&nodes);
+                    std::fs::copy(&stale, &states[0]).unwrap();
+                    nodes[0] = Some(serve_node(&states[0], &e, "chaos", &flags));
+                    actions.push(format!("round {round}: node 0 restarted from a stale copy"));
+                }
+                // A copy of a running node's file, served beside it.
+                2 => {
+                    let clone = dir.path().join(format!("clone-{round}"));
+                    std::fs::copy(&states[i], &clone).unwrap();
+                    nodes.push(Some(serve_node(&clone, &e, "chaos", &flags)));
+                    states.push(clone);
+                    actions.push(format!("round {round}: a copy of node {i}'s file served beside it"));
+                }
+                // A new node joins.
+                _ => {
+                    let name = format!("joined-{round}");
+                    let state = init_node(dir.path(), &name, &e, "chaos", &[]);
+                    nodes.push(Some(serve_node(&state, &e, "chaos", &flags)));
+                    states.push(state);
+                    actions.push(format!("round {round}: a new node joined"));
+                }
+            }
+            set_targets(&nodes);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        actions
+    });
+    assert!(got.ids.len() > 10_000, "seed {seed}: only {} IDs", got.ids.len());
+    let mut seen = HashSet::new();
+    for id in &got.ids {
+        assert!(seen.insert(id.clone()), "seed {seed}: duplicate {id} after: {actions:#?}");
+    }
+}
+
+/// With a 3-member etcd, the leader is killed under load: no duplicate,
+/// serving continues, and reservations resume after the election.
+#[test]
+fn killing_the_etcd_leader_under_load_loses_nothing() {
+    let mut etcd = Etcd::three();
+    let e = etcd.endpoints();
+    let dir = tempfile::tempdir().unwrap();
+    let nodes: Vec<Daemon> = (0..2)
+        .map(|i| {
+            let state = init_node(dir.path(), &format!("n{i}"), &e, "leader", &[]);
+            serve_node(&state, &e, "leader", &["--workers", "1", "--block-max", "4096"])
+        })
+        .collect();
+    let targets = Mutex::new(nodes.iter().map(|n| n.addr).collect());
+    let committed = |nodes: &[Daemon]| -> f64 {
+        nodes.iter().map(|n| n.metric("tradeid_etcd_txn_total{result=\"committed\"}")).sum()
+    };
+    let (got, (before, after, killed)) = under_load(&targets, 4, || {
+        std::thread::sleep(Duration::from_millis(800));
+        let killed = etcd.leader();
+        etcd.kill(killed);
+        let before = committed(&nodes);
+        std::thread::sleep(Duration::from_secs(3));
+        (before, committed(&nodes), killed)
+    });
+    assert_unique(&got.ids, "leader killed");
+    assert!(after > before, "no reservation committed after killing leader m{killed}: {before} then {after}");
+    // A new leader exists among the two survivors.
+    let leader = etcd.leader();
+    assert_ne!(leader, killed);
+    for node in &nodes {
+        let (status, body) = node.http_get("/readyz");
+        assert_eq!(status, 200, "{body}");
+    }
+}
+
+/// etcd fully down for several seconds under load: the node serves the
+/// blocks it holds, answers !ERR503 only once they are gone, and recovers
+/// by itself when etcd is back.
+#[test]
+fn a_full_etcd_outage_is_ridden_through_on_held_blocks() {
+    let mut etcd = Etcd::single();
+    let e = etcd.endpoints();
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_node(dir.path(), "n", &e, "outage", &[]);
+    let node = serve_node(&state, &e, "outage", &["--workers", "1", "--block-max", "2048"]);
+    let socket = client_socket(node.addr, Duration::from_millis(500));
+    let mut buf = [0u8; 2048];
+    let mut ask = |count: u16| -> Vec<u8> {
+        socket.send(&request(count)).unwrap();
+        let n = socket.recv(&mut buf).expect("a reply (IDs or an error), never silence");
+        buf[..n].to_vec()
+    };
+    let mut seen = HashSet::new();
+    for _ in 0..20 {
+        insert_unique(&mut seen, ids_of(&ask(100)));
+    }
+    etcd.kill_all();
+    let held_at_outage = node.metric("tradeid_ids_held");
+    // Drain: IDs while blocks are held, then 503 once, and then held is 0.
+    let mut served_during_outage = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let reply = ask(100);
+        if reply == b"!ERR503" {
+            break;
+        }
+        let ids = ids_of(&reply);
+        served_during_outage += ids.len();
+        insert_unique(&mut seen, ids);
+        assert!(Instant::now() < deadline, "still serving after 20 s of outage: more than it could hold");
+    }
+    assert!(served_during_outage > 0, "no ID served from held blocks during the outage");
+    assert_eq!(node.metric("tradeid_ids_held"), 0.0, "!ERR503 while IDs were still held");
+    assert!(served_during_outage as f64 <= held_at_outage, "{served_during_outage} served, {held_at_outage} held");
+    let (status, body) = node.http_get("/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("etcd unreachable"), "{body}");
+    assert_eq!(node.metric("tradeid_etcd_up"), 0.0);
+    assert!(node.stderr().contains("cannot reserve a block") && node.stderr().contains(e.split(',').next().unwrap()));
+    // Several seconds down, then back: recovery without a restart.
+    std::thread::sleep(Duration::from_secs(2));
+    etcd.restart_all();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let reply = ask(100);
+        if reply != b"!ERR503" {
+            insert_unique(&mut seen, ids_of(&reply));
+            break;
+        }
+        assert!(Instant::now() < deadline, "no recovery within 15 s of etcd's return");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for _ in 0..50 {
+        let reply = ask(100);
+        if reply != b"!ERR503" {
+            insert_unique(&mut seen, ids_of(&reply));
+        }
+    }
+    assert_eq!(node.http_get("/readyz").0, 200);
+    assert!(node.stderr().contains("reservations resumed"), "{}", node.stderr());
+}
+
+/// Runs `nodes` one-worker nodes of a small cluster until every node
+/// answers !ERR507 many times in a row; returns every ID they handed out
+/// and the nodes (for their metrics).
+fn drain_small_cluster(
+    cluster: &str,
+    width: &str,
+    shard_bits: &str,
+    nodes: usize,
+    block_max: &str,
+) -> (Vec<String>, Vec<Daemon>, Etcd) {
+    let etcd = Etcd::single();
+    let e = etcd.endpoints();
+    let dir = tempfile::tempdir().unwrap();
+    let first = init_node(dir.path(), "n0", &e, cluster, &["--width", width, "--shard-bits", shard_bits]);
+    let mut states = vec![first];
+    for i in 1..nodes {
+        states.push(init_node(dir.path(), &format!("n{i}"), &e, cluster, &[]));
+    }
+    let daemons: Vec<Daemon> =
+        states.iter().map(|s| serve_node(s, &e, cluster, &["--workers", "1", "--block-max", block_max])).collect();
+    let ids = std::thread::scope(|s| {
+        let threads: Vec<_> = daemons
+            .iter()
+            .map(|d| {
+                let addr = d.addr;
+                s.spawn(move || {
+                    let socket = client_socket(addr, Duration::from_secs(2));
+                    let mut ids = Vec::new();
+                    let mut buf = [0u8; 2048];
+                    let mut exhausted_in_a_row = 0;
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    while exhausted_in_a_row < 20 {
+                        assert!(Instant::now() < deadline, "node {addr} never exhausted");
+                        socket.send(&request(50)).unwrap();
+                        let n = socket.recv(&mut buf).expect("reply");
+                        match &buf[..n] {
+                            b"!ERR507" => exhausted_in_a_row += 1,
+                            b"!ERR503" => std::thread::sleep(Duration::from_millis(2)),
+                            reply => {
+                                exhausted_in_a_row = 0;
+                                ids.extend(ids_of(reply));
+                            }
+                        }
+                    }
+                    ids
+                })
+            })
+            .collect();
+        threads.into_iter().flat_map(|t| t.join().unwrap()).collect()
+    });
+    drop(dir);
+    (ids, daemons, etcd)
+}
+
+/// A small space drained across 3 nodes: the union of their IDs is the
+/// whole space, each ID exactly once, and every node ends in !ERR507.
+#[test]
+fn a_small_space_is_drained_exactly_once_across_three_nodes() {
+    let (ids, _nodes, _etcd) = drain_small_cluster("small", "11", "7", 3, "64");
+    let seen = assert_unique(&ids, "small space");
+    assert_eq!(seen.len(), 1 << 11, "the union must be the whole space");
+    for id in &seen {
+        assert!(tradeid::Id::parse(id).unwrap().value() < 1 << 11, "{id} outside the space");
+    }
+}
+
+/// More nodes than shards, with tiny blocks: nodes race for the same
+/// shards, compare-and-swap conflicts happen and are retried, and no two
+/// blocks overlap.
+#[test]
+fn nodes_racing_for_the_same_shard_never_overlap() {
+    let (ids, nodes, _etcd) = drain_small_cluster("race", "10", "8", 4, "16");
+    let seen = assert_unique(&ids, "racing nodes");
+    assert_eq!(seen.len(), 1 << 10);
+    let conflicts: f64 = nodes.iter().map(|n| n.metric("tradeid_etcd_txn_total{result=\"conflict\"}")).sum();
+    assert!(conflicts > 0.0, "the nodes never raced; the test proves nothing");
+}
+
+/// Two concurrent first inits of one cluster end with one cluster.
+#[test]
+fn concurrent_first_inits_make_one_cluster() {
+    let etcd = Etcd::single();
+    let e = etcd.endpoints();
+    let dir = tempfile::tempdir().unwrap();
+    let outputs: Vec<String> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..4)
+            .map(|i| {
+                let path = dir.path().join(format!("s{i}"));
+                let e = e.clone();
+                s.spawn(move || {
+                    let out = run(&["init", "--state", path.to_str().unwrap(), "--etcd", &e, "--cluster", "race"]);
+                    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                    String::from_utf8(out.stdout).unwrap()
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let created = outputs.iter().filter(|o| o.contains("created cluster")).count();
+    assert_eq!(created, 1, "{outputs:#?}");
+    let ids: HashSet<&str> =
+        outputs.iter().map(|o| o.split("(id ").nth(1).unwrap().split(',').next().unwrap()).collect();
+    assert_eq!(ids.len(), 1, "every node joined the same cluster: {outputs:#?}");
+}
+
+/// Files and clusters that do not belong together are refused.
+#[test]
+fn mismatched_files_and_clusters_are_refused() {
+    let etcd = Etcd::single();
+    let e = etcd.endpoints();
+    let dir = tempfile::tempdir().unwrap();
+    let node = init_node(dir.path(), "n", &e, "alpha", &[]);
+    let plain = init_state(dir.path(), "plain", &[]);
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    let cases: [(Vec<String>, i32, &str); 5] = [
+        // A cluster node's file served standalone, or with gen.
+        (
+            vec!["serve".into(), "--state".into(), path(&node), "--listen".into(), "127.0.0.1:0".into()],
+            78,
+            "belongs to etcd cluster \"alpha\"",
+        ),
+        (vec!["gen".into(), "--state".into(), path(&node), "-n".into(), "1".into()], 78, "belongs to etcd cluster"),
+        // A standalone file served in a cluster.
+        (
+            vec![
+                "serve".into(),
+                "--state".into(),
+                path(&plain),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--etcd".into(),
+                e.clone(),
+                "--cluster".into(),
+                "alpha".into(),
+            ],
+            78,
+            "is not a cluster node's",
+        ),
+        // The node's file under another cluster name.
+        (
+            vec![
+                "serve".into(),
+                "--state".into(),
+                path(&node),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--etcd".into(),
+                e.clone(),
+                "--cluster".into(),
+                "beta".into(),
+            ],
+            78,
+            "belongs to cluster \"alpha\", not \"beta\"",
+        ),
+        // Joining with a different geometry.
+        (
+            vec![
+                "init".into(),
+                "--state".into(),
+                path(&dir.path().join("x")),
+                "--etcd".into(),
+                e.clone(),
+                "--cluster".into(),
+                "alpha".into(),
+                "--width".into(),
+                "20".into(),
+            ],
+            78,
+            "already exists with 2^35 IDs",
+        ),
+    ];
+    for (args, code, needle) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = run(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    // The cluster deleted and made again under the same name is another
+    // space: the old node file is refused.
+    assert!(etcd.etcdctl(&["del", "--prefix", "/tradeid/alpha/"]).status.success());
+    init_node(dir.path(), "new", &e, "alpha", &[]);
+    let out = run(&["serve", "--state", &path(&node), "--listen", "127.0.0.1:0", "--etcd", &e, "--cluster", "alpha"]);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("was made for an earlier cluster"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // etcd down: a clear error naming the endpoint, exit 69.
+    let dead = format!("http://127.0.0.1:{}", crate::etcd::free_port());
+    let out = run(&["inspect", "--etcd", &dead, "--cluster", "alpha"]);
+    assert_eq!(out.status.code(), Some(69), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("etcd at {dead}")),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// etcd with users: wrong credentials are refused with a clear error and
+/// exit 77; the right ones, read from a file, serve.
+#[test]
+fn etcd_authentication_refuses_wrong_credentials_and_serves_right_ones() {
+    let etcd = Etcd::single();
+    let e = etcd.endpoints();
+    for args in [
+        vec!["user", "add", "root:rootpw"],
+        vec!["user", "add", "tradeid:s3cret"],
+        vec!["role", "add", "tradeid"],
+        vec!["role", "grant-permission", "tradeid", "--prefix=true", "readwrite", "/tradeid/"],
+        vec!["user", "grant-role", "tradeid", "tradeid"],
+        vec!["auth", "enable"],
+    ] {
+        let out = etcd.etcdctl(&args);
+        assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good");
+    std::fs::write(&good, "s3cret\n").unwrap();
+    let bad = dir.path().join("bad");
+    std::fs::write(&bad, "guess\n").unwrap();
+    let state = dir.path().join("s");
+    let state_arg = state.to_str().unwrap();
+    // No credentials at all.
+    let out = run(&["init", "--state", state_arg, "--etcd", &e, "--cluster", "secure"]);
+    assert_eq!(out.status.code(), Some(77), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--etcd-user"), "{}", String::from_utf8_lossy(&out.stderr));
+    // Wrong password.
+    let out = run(&[
+        "init",
+        "--state",
+        state_arg,
+        "--etcd",
+        &e,
+        "--cluster",
+        "secure",
+        "--etcd-user",
+        "tradeid",
+        "--etcd-password-file",
+        bad.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(77), "{err}");
+    assert!(err.contains(&format!("etcd at {e}")) && err.contains("authentication failed"), "{err}");
+    assert!(!state.exists(), "nothing is created on a refusal");
+    // A user without a password is refused before connecting.
+    let out = run(&["init", "--state", state_arg, "--etcd", &e, "--cluster", "secure", "--etcd-user", "tradeid"]);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs a password"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Right password from a file for init; from the environment for serve.
+    let out = run(&[
+        "init",
+        "--state",
+        state_arg,
+        "--etcd",
+        &e,
+        "--cluster",
+        "secure",
+        "--etcd-user",
+        "tradeid",
+        "--etcd-password-file",
+        good.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let node = Daemon::start_with(
+        &state,
+        &["--etcd", &e, "--cluster", "secure", "--etcd-user", "tradeid"],
+        &[("TRADEID_ETCD_PASSWORD", "s3cret")],
+    )
+    .unwrap();
+    ids_of(&exchange(node.addr, &request(5), Duration::from_secs(2)).unwrap());
+    assert!(!node.stderr().contains("s3cret"), "the password appears in the log");
+}
+
+/// Makes a CA, an etcd server certificate for 127.0.0.1, and a client
+/// certificate, with the openssl command-line tool.
+fn make_certs(dir: &Path, ca_name: &str) -> (Tls, Tls) {
+    let sh = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl is installed (CI installs it)");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let ca = format!("{ca_name}-ca");
+    sh(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        &format!("/CN={ca}"),
+        "-keyout",
+        &format!("{ca}.key"),
+        "-out",
+        &format!("{ca}.crt"),
+    ]);
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .unwrap();
+    for who in ["server", "client"] {
+        let name = format!("{ca_name}-{who}");
+        sh(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            &format!("/CN={who}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+        ]);
+        sh(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.crt"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            &format!("{name}.crt"),
+        ]);
+    }
+    let tls = |who: &str| Tls {
+        ca: dir.join(format!("{ca}.crt")),
+        cert: dir.join(format!("{ca_name}-{who}.crt")),
+        key: dir.join(format!("{ca_name}-{who}.key")),
+    };
+    (tls("server"), tls("client"))
+}
+
+/// etcd over TLS with client certificates: a node without the CA, or with
+/// another CA's certificate, is refused with a clear error; one with the
+/// right files serves.
+#[test]
+fn etcd_over_tls_with_client_certificates() {
+    let certs = tempfile::tempdir().unwrap();
+    let (server, client) = make_certs(certs.path(), "good");
+    let (_, stranger) = make_certs(certs.path(), "other");
+    let etcd = Etcd::single_tls(server);
+    let e = etcd.endpoints();
+    assert!(e.starts_with("https://"));
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("s");
+    let s = state.to_str().unwrap();
+    let file = |p: &PathBuf| p.to_str().unwrap().to_string();
+    // A certificate from another CA.
+    let out = run(&[
+        "init",
+        "--state",
+        s,
+        "--etcd",
+        &e,
+        "--cluster",
+        "tls",
+        "--etcd-ca",
+        &file(&client.ca),
+        "--etcd-cert",
+        &file(&stranger.cert),
+        "--etcd-key",
+        &file(&stranger.key),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a stranger's certificate was accepted");
+    assert!(err.contains(&format!("etcd at {e}")), "{err}");
+    // No CA: the server's certificate cannot be checked.
+    let out = run(&["init", "--state", s, "--etcd", &e, "--cluster", "tls"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("etcd at {e}")),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!state.exists());
+    // The right files.
+    let tls_args =
+        ["--etcd-ca", &file(&client.ca), "--etcd-cert", &file(&client.cert), "--etcd-key", &file(&client.key)];
+    let mut init = vec!["init", "--state", s, "--etcd", &e, "--cluster", "tls"];
+    init.extend_from_slice(&tls_args);
+    let out = run(&init);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut serve = vec!["--etcd", &e, "--cluster", "tls"];
+    serve.extend_from_slice(&tls_args);
+    let node = Daemon::start(&state, &serve);
+    ids_of(&exchange(node.addr, &request(5), Duration::from_secs(2)).unwrap());
+}
