@@ -46,6 +46,7 @@ pub fn code(err: &anyhow::Error) -> u8 {
                 S::BadHeader { .. } | S::BadShard { .. } | S::WrongSize { .. } | S::MirrorMismatch { .. } => 65,
                 S::PartitionMismatch { .. } | S::UnsharedKey { .. } | S::ClusterBound { .. } => 78,
                 S::Flush { .. } | S::Shrunk { .. } | S::Poisoned | S::Io { .. } => 74,
+                S::Displaced { .. } => 65,
             };
         }
         if cause.is::<ConfigError>() {

@@ -12,4 +12,5 @@ mod cli;
 mod cluster;
 mod daemon;
 mod hostile;
+mod operator;
 mod server;

@@ -26,6 +26,8 @@ pub(crate) struct ClusterStats {
     pub(crate) committed: AtomicU64,
     pub(crate) conflicts: AtomicU64,
     pub(crate) errors: AtomicU64,
+    /// Other etcd requests (claims, reads, lease keep-alives) that failed.
+    pub(crate) request_errors: AtomicU64,
     /// Unix time of the last successful etcd request.
     pub(crate) last_success_unix: AtomicU64,
     /// Reservation txn latency, in microseconds.
@@ -48,6 +50,7 @@ impl ClusterStats {
 
     fn failure(&self) {
         self.up.store(false, Ordering::Relaxed);
+        self.request_errors.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The node's registration value: who it is and what it last reserved.
@@ -95,6 +98,7 @@ impl EtcdLedger {
             committed: AtomicU64::new(0),
             conflicts: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            request_errors: AtomicU64::new(0),
             last_success_unix: AtomicU64::new(0),
             latency_micros: Mutex::new(
                 hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid histogram bounds"),
@@ -201,7 +205,7 @@ impl EtcdLedger {
             Ok(r) => r,
             Err(e) => {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                self.stats.failure();
+                self.stats.up.store(false, Ordering::Relaxed);
                 return Err(e);
             }
         };
@@ -224,9 +228,17 @@ impl EtcdLedger {
         Ok(Some(current))
     }
 
-    /// Tries to claim `shard` under this node's lease.
+    /// Tries to claim `shard` under this node's lease (taking a new lease
+    /// first if the old one expired).
     fn try_claim(&self, shard: u32) -> Result<bool, EtcdError> {
-        let lease = self.lease.load(Ordering::Acquire);
+        let mut lease = self.lease.load(Ordering::Acquire);
+        if lease == 0 {
+            lease = self
+                .etcd
+                .run("taking a lease", |mut c| async move { c.lease_grant(LEASE_TTL_SECONDS, None).await })?
+                .id();
+            self.lease.store(lease, Ordering::Release);
+        }
         let key = self.etcd.key(&format!("claims/{shard:07}"));
         let node = self.stats.node_id.clone();
         let response = self.etcd.run("claiming a shard", |mut c| async move {
@@ -234,8 +246,17 @@ impl EtcdLedger {
                 .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
                 .and_then([TxnOp::put(key, node, Some(PutOptions::new().with_lease(lease)))]);
             c.txn(txn).await
-        })?;
-        Ok(response.succeeded())
+        });
+        match response {
+            Ok(response) => Ok(response.succeeded()),
+            Err(e) => {
+                if e.to_string().contains("lease not found") {
+                    // Expired while etcd was out of reach: take a new one.
+                    let _ = self.lease.compare_exchange(lease, 0, Ordering::AcqRel, Ordering::Relaxed);
+                }
+                Err(e)
+            }
+        }
     }
 
     fn full(&self, store: &Store, shard: u32) -> bool {
@@ -347,30 +368,47 @@ async fn membership(
     state: String,
 ) {
     let mut client = etcd.client.clone();
+    let mut stream: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> = None;
+    let mut last_warning: Option<Instant> = None;
     loop {
         tokio::time::sleep(KEEPALIVE_EVERY).await;
-        let mut id = lease.load(Ordering::Acquire);
         let step = async {
+            let mut id = lease.load(Ordering::Acquire);
             if id == 0 {
                 id = client.lease_grant(LEASE_TTL_SECONDS, None).await?.id();
                 lease.store(id, Ordering::Release);
+                stream = None;
             }
-            let (mut keeper, mut responses) = client.lease_keep_alive(id).await?;
+            if stream.is_none() {
+                stream = Some(client.lease_keep_alive(id).await?);
+            }
+            let (keeper, responses) = stream.as_mut().expect("opened above");
             keeper.keep_alive().await?;
             let alive = responses.message().await?.is_some_and(|r| r.ttl() > 0);
             if alive {
                 let info = stats.node_info(started, &state);
                 client.put(node_key.clone(), info, Some(PutOptions::new().with_lease(id))).await?;
+            } else {
+                let _ = lease.compare_exchange(id, 0, Ordering::AcqRel, Ordering::Relaxed);
+                stream = None;
             }
             Ok::<bool, etcd_client::Error>(alive)
         };
-        match tokio::time::timeout(super::REQUEST_TIMEOUT, step).await {
-            Ok(Ok(true)) => stats.success(),
-            Ok(Ok(false)) => {
-                tracing::warn!("this node's etcd lease expired; taking a new one");
-                lease.store(0, Ordering::Release);
+        let problem = match tokio::time::timeout(super::REQUEST_TIMEOUT, step).await {
+            Ok(Ok(true)) => {
+                stats.success();
+                continue;
             }
-            Ok(Err(_)) | Err(_) => stats.failure(),
+            Ok(Ok(false)) => "this node's etcd lease had expired; took a new one".to_string(),
+            Ok(Err(e)) => format!("keeping this node's etcd lease alive failed: {e}"),
+            Err(_) => format!("keeping this node's etcd lease alive took over {:?}", super::REQUEST_TIMEOUT),
+        };
+        // The keep-alive stream may be broken; open a new one next time.
+        stream = None;
+        stats.failure();
+        if last_warning.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+            tracing::warn!("{problem} (etcd at {})", etcd.endpoints());
+            last_warning = Some(Instant::now());
         }
     }
 }

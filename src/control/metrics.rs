@@ -536,7 +536,10 @@ fn number(value: f64) -> String {
 }
 
 /// Latency histogram bucket bounds, in microseconds.
-const LATENCY_BOUNDS_US: [u64; 11] = [50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 100_000, 1_000_000];
+const LATENCY_BOUNDS_US: [u64; 16] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+    10_000_000,
+];
 
 /// (RcvbufErrors, InErrors) from the `Udp:` lines of /proc/net/snmp (read
 /// through /proc/self, which stays visible under systemd's ProcSubset=pid).

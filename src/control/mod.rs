@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
 
+use tradeid::state::{Integrity, StateError};
+
 use crate::dataplane::Server;
 use metrics::Observer;
 use systemd::Notifier;
@@ -78,6 +80,7 @@ async fn control(server: Server, config: Config) -> anyhow::Result<()> {
     let mut beats = observer.heartbeats();
     let mut capacity = CapacityAlarm::default();
     let mut send_errors = SendErrorLog::default();
+    let mut verifying: Option<tokio::task::JoinHandle<Result<Integrity, StateError>>> = None;
     let mut last_status = Instant::now();
     observer.sample_rate();
     let outcome = loop {
@@ -107,6 +110,27 @@ async fn control(server: Server, config: Config) -> anyhow::Result<()> {
                 }
                 capacity.check(observer.used_fraction());
                 send_errors.check(observer.send_failures());
+                // Every second, whether traffic flows or not: is the state
+                // file at its path still the one we write? (Off the runtime:
+                // it stats and reads the file.)
+                if verifying.as_ref().is_some_and(|task| task.is_finished()) {
+                    let verdict = verifying.take().expect("checked above").await;
+                    match verdict {
+                        Ok(Ok(Integrity::Intact | Integrity::Busy)) => {}
+                        Ok(Ok(Integrity::Repaired { path, records })) => tracing::error!(
+                            path = %path.display(),
+                            records,
+                            "the state file was written over while in use (an old copy put in place?); this process's marks were written back and flushed. Find out who did it: an old state file hands out IDs again"
+                        ),
+                        Ok(Err(e @ StateError::Displaced { .. })) => break Err(e.into()),
+                        Ok(Err(e)) => tracing::warn!("cannot verify the state file: {e}"),
+                        Err(e) => tracing::warn!("the state file check failed: {e}"),
+                    }
+                }
+                if verifying.is_none() {
+                    let generator = Arc::clone(&observer.generator);
+                    verifying = Some(tokio::task::spawn_blocking(move || generator.store().verify()));
+                }
                 if last_status.elapsed() >= Duration::from_secs(5) {
                     observer.sample_rate();
                     notifier.send(&format!("STATUS={}", observer.status_line()));
@@ -182,7 +206,7 @@ impl CapacityAlarm {
             let level = Self::LEVELS[self.warned] * 100.0;
             tracing::warn!(
                 used_percent = used * 100.0,
-                "ID space {level:.0}% used; plan a new ID space (new state file or node) before it runs out"
+                "ID space {level:.0}% used; once it is used up every request gets !ERR507. Plan for it now (docs/operations.md): never answer it with a new key or state file for the same IDs, whose IDs would collide with these"
             );
             self.warned += 1;
         }

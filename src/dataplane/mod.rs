@@ -175,6 +175,9 @@ impl Server {
         };
         let generator = Arc::new(generator);
         let workers = config.worker_cpus.len();
+        if config.listen.port() != 0 {
+            refuse_shared_address(config.listen, &[])?;
+        }
         let (sockets, local_addr, granted) =
             udp::bind_group(config.listen, workers, &config.sockets).with_context(|| {
                 format!(
@@ -182,6 +185,9 @@ impl Server {
                     config.listen
                 )
             })?;
+        // Closes the race with a server that bound at the same moment: each
+        // sees the other's sockets and refuses.
+        refuse_shared_address(local_addr, &sockets)?;
         // Linux reports twice the usable size; anything below what we asked
         // for means net.core.rmem_max / wmem_max capped it.
         if granted.recv < config.sockets.recv_buffer {
@@ -251,6 +257,33 @@ impl Server {
             cluster,
             start_report,
         })
+    }
+}
+
+/// Another socket is bound where we serve: serving beside it would split
+/// traffic between two ID spaces.
+#[derive(Debug, thiserror::Error)]
+#[error("UDP {addr} (--listen) is already in use by {} socket(s) this server did not create ({}). Two servers on one address split the traffic between two ID spaces and hand out duplicates. Stop the other process (find it with `ss -uapn 'sport = :{}'`) or choose another --listen address", .others.len(), describe_sockets(.others), .addr.port())]
+pub(crate) struct AddressTaken {
+    /// The address asked for.
+    pub(crate) addr: SocketAddr,
+    /// The sockets found there.
+    pub(crate) others: Vec<udp::ForeignSocket>,
+}
+
+fn describe_sockets(others: &[udp::ForeignSocket]) -> String {
+    others.iter().map(|s| format!("{} inode {} uid {}", s.addr, s.inode, s.uid)).collect::<Vec<_>>().join("; ")
+}
+
+/// Refuses to serve on `addr` if any socket but `ours` could receive its
+/// datagrams.
+fn refuse_shared_address(addr: SocketAddr, ours: &[std::net::UdpSocket]) -> anyhow::Result<()> {
+    let others =
+        udp::foreign_sockets(addr, ours).context("cannot read /proc/net/udp to check that --listen is ours alone")?;
+    if others.is_empty() {
+        Ok(())
+    } else {
+        Err(AddressTaken { addr, others }.into())
     }
 }
 

@@ -9,7 +9,7 @@
 
 use std::io;
 use std::mem::{size_of, zeroed};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
@@ -71,6 +71,88 @@ fn bind_one(addr: SocketAddr, options: &SocketOptions) -> io::Result<(UdpSocket,
     socket.bind(&addr.into())?;
     let granted = GrantedBuffers { recv: socket.recv_buffer_size()?, send: socket.send_buffer_size()? };
     Ok((socket.into(), granted))
+}
+
+/// A UDP socket bound to the same port as ours that we did not create.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForeignSocket {
+    /// Its local address.
+    pub addr: SocketAddr,
+    /// Its socket inode (as in `/proc/PID/fd`).
+    pub inode: u64,
+    /// The user that owns it.
+    pub uid: u32,
+}
+
+/// Every UDP socket in this network namespace that could receive
+/// datagrams meant for `addr`, other than `ours`: bound to the same port
+/// with the same address, or where either side is a wildcard (`0.0.0.0`,
+/// `::`). Read from `/proc/net/udp` and `/proc/net/udp6`, matching socket
+/// inodes, so it sees sockets of every process and user.
+///
+/// SO_REUSEPORT lets a second socket of the same user join a port; the
+/// kernel then splits traffic between the two. A server that must never
+/// share its address calls this after binding: if two servers start at
+/// once, each sees the other and at least one refuses.
+pub fn foreign_sockets(addr: SocketAddr, ours: &[UdpSocket]) -> io::Result<Vec<ForeignSocket>> {
+    let mut mine = Vec::with_capacity(ours.len());
+    for socket in ours {
+        mine.push(socket_inode(socket)?);
+    }
+    let mut foreign = Vec::new();
+    for table in ["/proc/self/net/udp", "/proc/self/net/udp6"] {
+        let text = match std::fs::read_to_string(table) {
+            Ok(text) => text,
+            // No IPv6 in this kernel: nothing can be bound there.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for line in text.lines().skip(1) {
+            let Some(entry) = parse_proc_udp_line(line) else { continue };
+            if entry.addr.port() == addr.port() && overlaps(entry.addr.ip(), addr.ip()) && !mine.contains(&entry.inode)
+            {
+                foreign.push(entry);
+            }
+        }
+    }
+    Ok(foreign)
+}
+
+/// Whether datagrams for `ours` could reach a socket bound to `theirs`.
+fn overlaps(theirs: IpAddr, ours: IpAddr) -> bool {
+    theirs.is_unspecified() || ours.is_unspecified() || theirs.to_canonical() == ours.to_canonical()
+}
+
+/// The inode of a socket, from its `/proc/self/fd` entry.
+fn socket_inode(socket: &UdpSocket) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(format!("/proc/self/fd/{}", socket.as_raw_fd()))?.ino())
+}
+
+/// Parses one line of `/proc/net/udp{,6}`:
+/// `sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode ...`,
+/// addresses as hex of the kernel's in-memory words, ports big-endian hex.
+fn parse_proc_udp_line(line: &str) -> Option<ForeignSocket> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (ip_hex, port_hex) = fields.get(1)?.split_once(':')?;
+    let port = u16::from_str_radix(port_hex, 16).ok()?;
+    let ip = match ip_hex.len() {
+        8 => IpAddr::V4(Ipv4Addr::from(u32::from_str_radix(ip_hex, 16).ok()?.to_ne_bytes())),
+        32 => {
+            let mut bytes = [0u8; 16];
+            for (i, chunk) in bytes.chunks_exact_mut(4).enumerate() {
+                let word = u32::from_str_radix(&ip_hex[i * 8..i * 8 + 8], 16).ok()?;
+                chunk.copy_from_slice(&word.to_ne_bytes());
+            }
+            IpAddr::V6(Ipv6Addr::from(bytes))
+        }
+        _ => return None,
+    };
+    Some(ForeignSocket {
+        addr: SocketAddr::new(ip, port),
+        uid: fields.get(7)?.parse().ok()?,
+        inode: fields.get(9)?.parse().ok()?,
+    })
 }
 
 /// Steers each datagram to the socket whose index equals the CPU it arrived
@@ -454,6 +536,35 @@ mod tests {
         assert_eq!(n, 1);
         assert_eq!(rx.payload(0).len(), RECV_SLOT, "kept bytes are capped");
         assert_eq!(rx.wire_len(0), RECV_SLOT + 100, "the true length is reported");
+    }
+
+    #[test]
+    fn proc_net_udp_lines_parse() {
+        let v4 = "  9291: 0100007F:C32D 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 128343 2 0000000037725bda 0";
+        let s = parse_proc_udp_line(v4).unwrap();
+        assert_eq!(s, ForeignSocket { addr: "127.0.0.1:49965".parse().unwrap(), inode: 128_343, uid: 0 });
+        let v6 = "  100: 00000000000000000000000001000000:1B9E 00000000000000000000000000000000:0000 07 00000000:00000000 00:00000000 00000000  1000        0 777 2 0 0";
+        let s = parse_proc_udp_line(v6).unwrap();
+        assert_eq!((s.addr, s.uid, s.inode), ("[::1]:7070".parse().unwrap(), 1000, 777));
+        assert!(parse_proc_udp_line("  sl  local_address rem_address").is_none());
+    }
+
+    /// Another socket joining our port through SO_REUSEPORT is seen; our
+    /// own group is not; a wildcard on the same port counts too.
+    #[test]
+    fn foreign_sockets_on_our_port_are_found() {
+        let (ours, local, _) = bind_group("127.0.0.1:0".parse().unwrap(), 2, &options()).unwrap();
+        assert_eq!(foreign_sockets(local, &ours).unwrap(), vec![]);
+        let (intruder, _, _) = bind_group(local, 1, &options()).unwrap();
+        let found = foreign_sockets(local, &ours).unwrap();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].addr, local);
+        assert_eq!(found[0].inode, socket_inode(&intruder[0]).unwrap());
+        drop(intruder);
+        assert_eq!(foreign_sockets(local, &ours).unwrap(), vec![]);
+        let wildcard = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), local.port());
+        let (_wild, _, _) = bind_group(wildcard, 1, &options()).unwrap();
+        assert_eq!(foreign_sockets(local, &ours).unwrap().len(), 1, "a wildcard socket on our port");
     }
 
     #[test]

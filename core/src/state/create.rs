@@ -18,6 +18,9 @@ use super::{io_err, StateError};
 /// exists), and the directory is fsynced. If any copy fails, the copies
 /// already created are removed again: they never served an ID.
 pub fn create(paths: &[PathBuf], header: &Header) -> Result<(), StateError> {
+    // A server holding a path (even one whose file was just deleted) keeps
+    // init away from it.
+    let _locks = paths.iter().map(|p| super::store::lock_path(p)).collect::<Result<Vec<_>, _>>()?;
     for path in paths {
         if path.exists() {
             return Err(StateError::Exists { path: path.clone() });
@@ -42,10 +45,51 @@ fn create_one(path: &Path, header: &Header) -> Result<(), StateError> {
     contents.extend_from_slice(&header.encode());
     for shard in 0..g.shard_count() {
         // Both slots valid with mark 0: slot 0 is the newest.
-        contents.extend_from_slice(&encode_slot(1, 0, header.file_id, shard, 0));
-        contents.extend_from_slice(&encode_slot(0, 0, header.file_id, shard, 1));
+        contents.extend_from_slice(&encode_slot(1, 0, 0, header.file_id, shard, 0));
+        contents.extend_from_slice(&encode_slot(0, 0, 0, header.file_id, shard, 1));
     }
     create_durably(path, &contents, 0o600)
+}
+
+/// Replaces the file at `path` with `contents`, durably: a temporary file in
+/// the same directory, fsynced, renamed over `path`, then the directory
+/// fsynced. Only for restoring a state file whose path was tampered with.
+pub(crate) fn replace_durably(path: &Path, contents: &[u8]) -> Result<(), StateError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = parent_dir(path);
+    let tmp = temp_name(path)?;
+    let result = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut file| {
+            file.write_all(contents)?;
+            file.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(io_err("cannot replace", path))?;
+    File::open(&dir).and_then(|d| d.sync_all()).map_err(io_err("cannot fsync directory", &dir))
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// `.NAME.tmp-PID` beside `path`.
+fn temp_name(path: &Path) -> Result<PathBuf, StateError> {
+    let name = path.file_name().ok_or_else(|| StateError::Io {
+        what: "the path has no file name:",
+        path: path.to_owned(),
+        source: io::ErrorKind::InvalidInput.into(),
+    })?;
+    Ok(parent_dir(path).join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id())))
 }
 
 /// Creates `path` with exactly `contents`, durably and only if it does not
@@ -55,16 +99,8 @@ fn create_one(path: &Path, header: &Header) -> Result<(), StateError> {
 /// fsynced last. Errors name `path`, never the temporary file.
 pub fn create_durably(path: &Path, contents: &[u8], mode: u32) -> Result<(), StateError> {
     use std::os::unix::fs::OpenOptionsExt;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let name = path.file_name().ok_or_else(|| StateError::Io {
-        what: "the path has no file name:",
-        path: path.to_owned(),
-        source: io::ErrorKind::InvalidInput.into(),
-    })?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let dir = parent_dir(path);
+    let tmp = temp_name(path)?;
     let needed = contents.len() as u64;
     let failed = |e: io::Error| match e.raw_os_error() {
         Some(libc::ENOSPC) | Some(libc::EDQUOT) => StateError::NoSpace { path: path.to_owned(), needed },

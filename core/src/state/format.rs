@@ -385,22 +385,25 @@ pub struct SlotState {
     pub slot: u8,
     /// The mark it records.
     pub mark: u64,
+    /// The size of the last block reserved in the shard (0: unknown), so a
+    /// restart can start with blocks sized to recent load.
+    pub hint: u32,
     /// Whether the other slot was invalid (a torn or corrupt write).
     pub other_invalid: bool,
 }
 
 /// Reads one shard's two slots and picks the newest valid one. Pure.
 pub fn decode_shard(record: &[u8], file_id: u64, shard: u32, shard_size: u64) -> Result<SlotState, String> {
-    let read = |slot: u8| -> Option<(u64, u64)> {
+    let read = |slot: u8| -> Option<(u64, u64, u32)> {
         let bytes = &record[usize::from(slot) * SLOT_LEN..][..SLOT_LEN];
-        let (seq, mark) = (get_u64(bytes, 0), get_u64(bytes, 8));
+        let (seq, mark, hint) = (get_u64(bytes, 0), get_u64(bytes, 8), get_u32(bytes, 16));
         let valid = get_u32(bytes, SLOT_CRC_AT) == slot_crc(bytes, file_id, shard, slot) && mark <= shard_size;
-        valid.then_some((seq, mark))
+        valid.then_some((seq, mark, hint))
     };
     match (read(0), read(1)) {
         (None, None) => Err("neither of its two slots is valid".into()),
-        (Some((seq, mark)), None) => Ok(SlotState { seq, slot: 0, mark, other_invalid: true }),
-        (None, Some((seq, mark))) => Ok(SlotState { seq, slot: 1, mark, other_invalid: true }),
+        (Some((seq, mark, hint)), None) => Ok(SlotState { seq, slot: 0, mark, hint, other_invalid: true }),
+        (None, Some((seq, mark, hint))) => Ok(SlotState { seq, slot: 1, mark, hint, other_invalid: true }),
         (Some(a), Some(b)) if a.0 == b.0 => Err(format!("both slots claim sequence number {}", a.0)),
         (Some(a), Some(b)) => {
             let (newest, older, slot) = if a.0 > b.0 { (a, b, 0) } else { (b, a, 1) };
@@ -410,16 +413,18 @@ pub fn decode_shard(record: &[u8], file_id: u64, shard: u32, shard_size: u64) ->
                     newest.0, newest.1, older.1
                 ));
             }
-            Ok(SlotState { seq: newest.0, slot, mark: newest.1, other_invalid: false })
+            Ok(SlotState { seq: newest.0, slot, mark: newest.1, hint: newest.2, other_invalid: false })
         }
     }
 }
 
-/// Serialises one slot.
-pub fn encode_slot(seq: u64, mark: u64, file_id: u64, shard: u32, slot: u8) -> [u8; SLOT_LEN] {
+/// Serialises one slot: sequence number, mark, and the block-size hint
+/// (the size of the last block reserved in the shard, or 0).
+pub fn encode_slot(seq: u64, mark: u64, hint: u32, file_id: u64, shard: u32, slot: u8) -> [u8; SLOT_LEN] {
     let mut bytes = [0u8; SLOT_LEN];
     put_u64(&mut bytes, 0, seq);
     put_u64(&mut bytes, 8, mark);
+    put_u32(&mut bytes, 16, hint);
     let crc = slot_crc(&bytes, file_id, shard, slot);
     put_u32(&mut bytes, SLOT_CRC_AT, crc);
     bytes
@@ -561,7 +566,15 @@ mod tests {
         assert_eq!(&page[..8], b"TRADEID\0");
         assert_eq!(crc32fast::hash(&page), GOLDEN_HEADER_CRC);
         assert_eq!(Header::decode(&page).unwrap(), header);
-        assert_eq!(encode_slot(7, 1000, header.file_id, 42, 1), GOLDEN_SLOT);
+        assert_eq!(encode_slot(7, 1000, 0, header.file_id, 42, 1), GOLDEN_SLOT);
+        // The block-size hint lives in bytes 16..20, which older files
+        // left zero: they read back as "no hint".
+        let hinted = encode_slot(7, 1000, 65_536, header.file_id, 42, 1);
+        assert_eq!(&hinted[16..20], &65_536u32.to_le_bytes());
+        let mut record = encode_slot(6, 900, 0, header.file_id, 42, 0).to_vec();
+        record.extend_from_slice(&hinted);
+        let state = decode_shard(&record, header.file_id, 42, 1 << 22).unwrap();
+        assert_eq!((state.seq, state.mark, state.hint), (7, 1000, 65_536));
         // Today's header records the space id at offset 88.
         let current = Header { records_space_id: true, ..header };
         let page = current.encode();
@@ -621,8 +634,8 @@ mod tests {
     #[test]
     fn a_slot_copied_to_another_shard_is_invalid() {
         let record_for = |shard| {
-            let mut r = encode_slot(5, 9, 42, shard, 0).to_vec();
-            r.extend_from_slice(&encode_slot(4, 3, 42, shard, 1));
+            let mut r = encode_slot(5, 9, 0, 42, shard, 0).to_vec();
+            r.extend_from_slice(&encode_slot(4, 3, 0, 42, shard, 1));
             r
         };
         assert_eq!(decode_shard(&record_for(3), 42, 3, 16).unwrap().mark, 9);
@@ -651,8 +664,8 @@ mod tests {
             seq in 1u64..1000, older in 0u64..100, extra in 0u64..100, at in 0usize..SHARD_RECORD_LEN, bit in 0u8..8,
         ) {
             let newer = older + extra;
-            let mut record = encode_slot(seq + 1, newer, 1, 0, 0).to_vec();
-            record.extend_from_slice(&encode_slot(seq, older, 1, 0, 1));
+            let mut record = encode_slot(seq + 1, newer, 0, 1, 0, 0).to_vec();
+            record.extend_from_slice(&encode_slot(seq, older, 0, 1, 0, 1));
             record[at] ^= 1 << bit;
             // CRC-32 detects every single-bit error, so the result is one of
             // the two written marks, never an invented one.

@@ -31,7 +31,8 @@
 //! 168 ...  zero
 //! 4092  4  CRC-32 of bytes 0..4092
 //! offset 4096  shard records, 64 bytes each, in shard order
-//!   two 32-byte slots: seq u64 | mark u64 | 12 zero bytes | CRC-32
+//!   two 32-byte slots: seq u64 | mark u64 | hint u32 | 8 zero bytes | CRC-32
+//!   (hint: the size of the last block reserved in the shard, 0 if unknown)
 //!   the CRC covers the slot's first 28 bytes and (file id, shard, slot).
 //! ```
 //!
@@ -46,13 +47,13 @@ use std::path::{Path, PathBuf};
 
 mod create;
 pub mod format;
-mod store;
+pub(crate) mod store;
 
 pub use create::{create, create_durably};
 pub use format::{
     check_cluster_name, decode_shard, encode_slot, ClusterBinding, Geometry, Header, SlotState, Snapshot, SpaceId,
 };
-pub use store::{OpenReport, Store};
+pub use store::{Integrity, OpenReport, Store};
 
 /// Why a state file could not be created, opened or updated.
 #[derive(Debug, thiserror::Error)]
@@ -168,8 +169,18 @@ pub enum StateError {
         /// The cluster's name.
         cluster: String,
     },
+    /// The file at a state path is no longer the one this process opened.
+    #[error("state file {path} {what} while this process was using it. {}", if *.restored { "This process's marks (raised only) were written to a new file at that path and flushed; no further block is reserved, and this process stops so that a restart opens the restored file" } else { "It could not be restored safely (see the log); no further block is reserved. Put back the file this process opened, or restore the path from a copy that was in use together with its mirrors, before restarting: a file with old marks would hand out IDs again" })]
+    Displaced {
+        /// The path.
+        path: PathBuf,
+        /// What happened to it.
+        what: &'static str,
+        /// Whether this process's marks were written to the path.
+        restored: bool,
+    },
     /// A previous flush failed, so nothing more is written.
-    #[error("an earlier flush of the state failed; no more blocks are reserved in this process")]
+    #[error("the state file can no longer be trusted in this process (an earlier flush failed, or the file was tampered with); no more blocks are reserved")]
     Poisoned,
     /// Any other I/O error.
     #[error("{what} {path}: {source}")]

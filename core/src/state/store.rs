@@ -3,21 +3,32 @@
 //! a shard's mark. Holds the crate's only mmap `unsafe`.
 //!
 //! The contract that makes the mapping sound: nobody else writes the file
-//! while it is open. Other tradeid processes are kept out by `flock`; a
-//! person or program that truncates or overwrites the file anyway is caught
-//! by the size check after every flush (truncation) or loses to the higher
-//! mark on the next open.
+//! while it is open. Other tradeid processes are kept out twice: by `flock`
+//! on the file (which follows the inode) and by a lock on its path (an
+//! abstract Unix socket named after the canonical path, which stays with
+//! the name even if another file is moved there). A person or program that
+//! writes over, moves or deletes the file anyway is caught by
+//! [`Store::verify`], which the server runs every second: it writes this
+//! process's marks back (only ever raising them), and where the file at the
+//! path is no longer the one it opened, it restores the path and stops the
+//! reservations. A truncation is also caught by the size check after every
+//! flush.
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use memmap2::MmapRaw;
 
-use super::format::{decode_file, encode_slot, slot_offset, Header, SlotState, SLOT_LEN};
+use super::create::{create_durably, replace_durably};
+use super::format::{
+    decode_file, decode_shard, encode_slot, slot_offset, Header, SlotState, HEADER_LEN, SHARD_RECORD_LEN, SLOT_LEN,
+};
 use super::{io_err, StateError};
 
 /// What [`Store::open`] found worth telling the operator.
@@ -38,6 +49,8 @@ pub struct Store {
     shards: Box<[Mutex<ShardDisk>]>,
     /// Per shard: the persisted mark, readable without a lock.
     marks: Box<[AtomicU64]>,
+    /// Per shard: the size of the last block reserved in it (0: unknown).
+    hints: Box<[AtomicU32]>,
     poisoned: AtomicBool,
     /// Test hook: flushes after this many fail with EIO (`u64::MAX`: never).
     fail_flushes_after: AtomicU64,
@@ -49,6 +62,26 @@ struct Mirror {
     /// Held for the flock, which lasts as long as the file is open.
     file: File,
     map: MmapRaw,
+    /// Held for the path lock, which lasts as long as the process.
+    _path_lock: UnixListener,
+}
+
+/// What [`Store::verify`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Integrity {
+    /// Every file at its path is the one this process opened, holding
+    /// exactly what it wrote.
+    Intact,
+    /// A file's bytes were changed under this process (an old copy written
+    /// over it): its marks, only ever raised, were written back and flushed.
+    Repaired {
+        /// The file.
+        path: PathBuf,
+        /// Shard records rewritten (the header counts as one).
+        records: u32,
+    },
+    /// A reservation was in progress; nothing was looked at this time.
+    Busy,
 }
 
 struct ShardDisk {
@@ -92,6 +125,8 @@ impl Store {
         // always safe (it only skips IDs), a smaller one may repeat IDs.
         let best: Vec<u64> =
             (0..shard_count).map(|s| loaded.iter().map(|(_, _, slots)| slots[s].mark).max().unwrap_or(0)).collect();
+        let hints: Vec<u32> =
+            (0..shard_count).map(|s| loaded.iter().map(|(_, _, slots)| slots[s].hint).max().unwrap_or(0)).collect();
         let mut behind = vec![0u32; loaded.len()];
         let mut lagging_shards = Vec::new();
         for (s, &mark) in best.iter().enumerate() {
@@ -120,6 +155,7 @@ impl Store {
             mirrors,
             shards: newest.into_iter().map(|n| Mutex::new(ShardDisk { newest: n })).collect(),
             marks: best.iter().map(|&m| AtomicU64::new(m)).collect(),
+            hints: hints.iter().map(|&h| AtomicU32::new(h)).collect(),
             poisoned: AtomicBool::new(false),
             fail_flushes_after: AtomicU64::new(u64::MAX),
             flushes: AtomicU64::new(0),
@@ -128,7 +164,7 @@ impl Store {
         // mirror is harmless for those already there.
         for shard in lagging_shards {
             let mut disk = store.shards[shard as usize].lock().unwrap_or_else(|p| p.into_inner());
-            store.write_and_flush(&mut disk, shard, best[shard as usize])?;
+            store.write_and_flush(&mut disk, shard, best[shard as usize], hints[shard as usize])?;
         }
         for (m, count) in behind.into_iter().enumerate() {
             if count > 0 {
@@ -178,49 +214,90 @@ impl Store {
         self.marks[shard as usize].load(Ordering::Acquire)
     }
 
+    /// The size of the last block reserved in `shard` (0: unknown).
+    pub fn hint(&self, shard: u32) -> u32 {
+        self.hints[shard as usize].load(Ordering::Relaxed)
+    }
+
     /// IDs of this node's shards that may have been handed out.
     pub fn used(&self) -> u64 {
         self.header.geometry.node_shards().map(|s| self.mark(s)).sum()
     }
 
-    /// Durably raises the mark of `shard` to `mark` in every mirror.
+    /// Durably raises the mark of `shard` to `mark` in every mirror, and
+    /// records `hint` (the block's size) for the next start.
     ///
     /// Returns only after every copy is flushed, so the caller may hand out
     /// counters below `mark` once this returns `Ok`. Any failure poisons the
     /// store: a flush is never retried (its outcome on disk is unknown).
-    pub fn persist(&self, shard: u32, mark: u64) -> Result<Duration, StateError> {
+    pub fn persist(&self, shard: u32, mark: u64, hint: u32) -> Result<Duration, StateError> {
         if self.poisoned.load(Ordering::Acquire) {
             return Err(StateError::Poisoned);
         }
-        let result = self.persist_inner(shard, mark);
+        let result = self.persist_inner(shard, mark, hint);
         if result.is_err() {
             self.poisoned.store(true, Ordering::Release);
         }
         result
     }
 
-    fn persist_inner(&self, shard: u32, mark: u64) -> Result<Duration, StateError> {
+    fn persist_inner(&self, shard: u32, mark: u64, hint: u32) -> Result<Duration, StateError> {
         let g = &self.header.geometry;
         assert!(g.owns(shard) && mark <= g.shard_size(), "mark {mark} for shard {shard}");
         let started = Instant::now();
+        // Writing through the map into a truncated file would be a SIGBUS:
+        // restore the file first (someone is copying over it, or cut it).
+        self.heal_if_shrunk()?;
         let mut disk = self.shards[shard as usize].lock().unwrap_or_else(|p| p.into_inner());
         assert!(mark >= self.mark(shard), "marks never go back");
-        self.write_and_flush(&mut disk, shard, mark)?;
-        for mirror in &self.mirrors {
-            // A truncated file may still flush without error (the page is
-            // simply gone), so check the size before trusting the flush.
-            let len = mirror.file.metadata().map_err(io_err("cannot stat state file", &mirror.path))?.len();
-            if len < g.file_len() {
-                return Err(StateError::Shrunk { path: mirror.path.clone(), found: len });
+        // Checked under the lock, so `verify` never races a write.
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(StateError::Poisoned);
+        }
+        self.write_and_flush(&mut disk, shard, mark, hint)?;
+        self.marks[shard as usize].store(mark, Ordering::Release);
+        self.hints[shard as usize].store(hint, Ordering::Relaxed);
+        drop(disk);
+        // A file truncated during the flush may still flush without error
+        // (the page is simply gone): check the size before trusting it,
+        // and if it shrank, write every mark (this one included) back.
+        self.heal_if_shrunk()?;
+        Ok(started.elapsed())
+    }
+
+    /// If any file is shorter than its geometry needs (truncated, or being
+    /// written over by `cp`), extends it again and rewrites every record
+    /// from this process's marks, flushed. Takes every shard's lock.
+    fn heal_if_shrunk(&self) -> Result<(), StateError> {
+        let len = self.header.geometry.file_len();
+        let mut shrunk = Vec::new();
+        for (m, mirror) in self.mirrors.iter().enumerate() {
+            let found = mirror.file.metadata().map_err(io_err("cannot stat state file", &mirror.path))?.len();
+            if found < len {
+                shrunk.push((m, found));
             }
         }
-        self.marks[shard as usize].store(mark, Ordering::Release);
-        Ok(started.elapsed())
+        if shrunk.is_empty() {
+            return Ok(());
+        }
+        let mut disks: Vec<MutexGuard<'_, ShardDisk>> =
+            self.shards.iter().map(|d| d.lock().unwrap_or_else(|p| p.into_inner())).collect();
+        for (m, found) in shrunk {
+            let mirror = &self.mirrors[m];
+            let ours = mirror.file.metadata().map_err(io_err("cannot stat state file", &mirror.path))?;
+            tracing::error!(
+                path = %mirror.path.display(),
+                found,
+                "the state file shrank while in use (truncated, or something is copying over it); restoring this process's marks into it"
+            );
+            self.repair_in_place(m, mirror, &ours, &mut disks)?;
+        }
+        Ok(())
     }
 
     /// Writes `mark` into the older slot of `shard` in every mirror, then
     /// flushes each. The caller holds the shard's lock (`disk`).
-    fn write_and_flush(&self, disk: &mut ShardDisk, shard: u32, mark: u64) -> Result<(), StateError> {
+    fn write_and_flush(&self, disk: &mut ShardDisk, shard: u32, mark: u64, hint: u32) -> Result<(), StateError> {
         let offsets: Vec<usize> = self
             .mirrors
             .iter()
@@ -228,7 +305,7 @@ impl Store {
             .map(|(mirror, &(seq, newest_slot))| {
                 let slot = 1 - newest_slot;
                 let offset = slot_offset(shard, slot);
-                let bytes = encode_slot(seq + 1, mark, self.header.file_id, shard, slot);
+                let bytes = encode_slot(seq + 1, mark, hint, self.header.file_id, shard, slot);
                 // SAFETY: `offset + SLOT_LEN <= map.len()`: the map length was
                 // checked against the geometry at open and `shard` is in
                 // range. No other thread writes these bytes: slot writes for
@@ -259,6 +336,179 @@ impl Store {
         }
         Ok(())
     }
+    /// Checks that every file at its path is still the one this process
+    /// opened and holds what it wrote, and repairs what it safely can. The
+    /// server calls it every second.
+    ///
+    /// - Bytes changed in place (`cp old s.state` writes over the same
+    ///   inode): this process's marks, raised to the file's where those are
+    ///   higher, are written back and flushed; serving goes on.
+    /// - The path is deleted, or holds another inode (`mv old s.state`):
+    ///   the store is poisoned (no further block is reserved) and a file
+    ///   with this process's marks is put at the path, if that is safe: the
+    ///   path is empty, or holds a copy of this same file. Returns
+    ///   [`StateError::Displaced`] either way: the caller must stop, and a
+    ///   restart opens the restored file.
+    ///
+    /// It never waits for a reservation in progress ([`Integrity::Busy`]).
+    pub fn verify(&self) -> Result<Integrity, StateError> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Ok(Integrity::Intact);
+        }
+        // Freeze this process's writes while looking: every shard's lock.
+        let mut disks = Vec::with_capacity(self.shards.len());
+        for shard in self.shards.iter() {
+            match shard.try_lock() {
+                Ok(guard) => disks.push(guard),
+                Err(std::sync::TryLockError::Poisoned(p)) => disks.push(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => return Ok(Integrity::Busy),
+            }
+        }
+        let mut outcome = Integrity::Intact;
+        for (m, mirror) in self.mirrors.iter().enumerate() {
+            let ours = mirror.file.metadata().map_err(io_err("cannot stat open state file", &mirror.path))?;
+            let displaced = match std::fs::metadata(&mirror.path) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Some("was deleted"),
+                Err(e) => return Err(io_err("cannot stat state file", &mirror.path)(e)),
+                Ok(at_path) if (at_path.dev(), at_path.ino()) != (ours.dev(), ours.ino()) => {
+                    Some("was replaced by another file (moved or renamed over)")
+                }
+                Ok(_) if ours.nlink() == 0 => Some("was unlinked"),
+                Ok(_) => None,
+            };
+            if let Some(what) = displaced {
+                self.poisoned.store(true, Ordering::Release);
+                let restored = self.restore_at_path(&mirror.path);
+                return Err(StateError::Displaced { path: mirror.path.clone(), what, restored });
+            }
+            let records = self.repair_in_place(m, mirror, &ours, &mut disks)?;
+            if records > 0 {
+                outcome = Integrity::Repaired { path: mirror.path.clone(), records };
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Compares the file's header and every shard's newest slot with what
+    /// this process wrote; rewrites what differs. Returns how many records
+    /// were rewritten. The caller holds every shard's lock (`disks`).
+    fn repair_in_place(
+        &self,
+        m: usize,
+        mirror: &Mirror,
+        ours: &std::fs::Metadata,
+        disks: &mut [MutexGuard<'_, ShardDisk>],
+    ) -> Result<u32, StateError> {
+        let len = self.header.geometry.file_len();
+        if ours.len() < len {
+            // Written over by a shorter file: extend it again before the
+            // map is read (reading past the end would be a SIGBUS).
+            mirror.file.set_len(len).map_err(io_err("cannot restore the size of state file", &mirror.path))?;
+        }
+        let mut current = vec![0u8; len as usize];
+        // SAFETY: the map covers `len` bytes (checked at open, and the file
+        // is at least that long, see above). This process does not write
+        // it concurrently (the caller holds every shard's lock); another
+        // process may, and any byte value is a valid u8, so the copy only
+        // ever sees bytes, which are then compared, never trusted.
+        unsafe {
+            std::ptr::copy_nonoverlapping(mirror.map.as_ptr(), current.as_mut_ptr(), current.len());
+        }
+        let header = self.header.encode();
+        let header_intact = current[..HEADER_LEN] == header[..];
+        let mut writes: Vec<(usize, Vec<u8>)> = Vec::new();
+        if !header_intact {
+            writes.push((0, header.to_vec()));
+        }
+        let file_id = self.header.file_id;
+        for (shard, disk) in disks.iter_mut().enumerate() {
+            let shard = shard as u32;
+            let (seq, slot) = disk.newest[m];
+            let (mark, hint) = (self.mark(shard), self.hint(shard));
+            let at = slot_offset(shard, slot);
+            if header_intact && current[at..at + SLOT_LEN] == encode_slot(seq, mark, hint, file_id, shard, slot) {
+                continue;
+            }
+            // Whatever is there now may only raise the mark (a copy of a
+            // newer state of this same file), never lower it.
+            let record = &current[slot_offset(shard, 0)..][..SHARD_RECORD_LEN];
+            let theirs = if header_intact {
+                decode_shard(record, file_id, shard, self.header.geometry.shard_size()).map_or(0, |s| s.mark)
+            } else {
+                0
+            };
+            let mark = mark.max(theirs);
+            let mut bytes = vec![0u8; SHARD_RECORD_LEN];
+            let newest = usize::from(slot) * SLOT_LEN;
+            let older = usize::from(1 - slot) * SLOT_LEN;
+            bytes[newest..newest + SLOT_LEN].copy_from_slice(&encode_slot(seq, mark, hint, file_id, shard, slot));
+            bytes[older..older + SLOT_LEN].copy_from_slice(&encode_slot(seq - 1, mark, hint, file_id, shard, 1 - slot));
+            writes.push((slot_offset(shard, 0), bytes));
+            self.marks[shard as usize].fetch_max(mark, Ordering::AcqRel);
+        }
+        if writes.is_empty() {
+            return Ok(0);
+        }
+        for (offset, bytes) in &writes {
+            // SAFETY: every write lies inside the map (header page, or one
+            // shard's record at its checked offset); the caller holds every
+            // shard's lock, so no other thread of this process writes.
+            unsafe {
+                std::ptr::copy_nonoverlapping(bytes.as_ptr(), mirror.map.as_mut_ptr().add(*offset), bytes.len());
+            }
+        }
+        mirror.map.flush().map_err(|source| StateError::Flush { path: mirror.path.clone(), source })?;
+        mirror.file.sync_all().map_err(|source| StateError::Flush { path: mirror.path.clone(), source })?;
+        Ok(writes.len() as u32)
+    }
+
+    /// Puts a file holding this process's marks at `path`, if the path is
+    /// empty or holds a copy of this same file (raising nothing it holds).
+    /// Returns whether it did.
+    fn restore_at_path(&self, path: &Path) -> bool {
+        let g = self.header.geometry;
+        let mut marks: Vec<u64> = (0..g.shard_count()).map(|s| self.mark(s)).collect();
+        let existing = match std::fs::read(path) {
+            Ok(bytes) => Some(bytes),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => {
+                tracing::error!(path = %path.display(), "cannot read the file now at the state path: {e}");
+                return false;
+            }
+        };
+        if let Some(bytes) = &existing {
+            match decode_file(path, bytes) {
+                Ok((header, slots)) if header.file_id == self.header.file_id => {
+                    for (mark, slot) in marks.iter_mut().zip(slots) {
+                        *mark = (*mark).max(slot.mark);
+                    }
+                }
+                _ => {
+                    tracing::error!(
+                        path = %path.display(),
+                        "the file now at the state path is not a copy of the file this process opened; leaving it alone"
+                    );
+                    return false;
+                }
+            }
+        }
+        let mut contents = Vec::with_capacity(g.file_len() as usize);
+        contents.extend_from_slice(&self.header.encode());
+        for (shard, &mark) in marks.iter().enumerate() {
+            let (shard, hint) = (shard as u32, self.hint(shard as u32));
+            contents.extend_from_slice(&encode_slot(1, mark, hint, self.header.file_id, shard, 0));
+            contents.extend_from_slice(&encode_slot(0, mark, hint, self.header.file_id, shard, 1));
+        }
+        let written =
+            if existing.is_some() { replace_durably(path, &contents) } else { create_durably(path, &contents, 0o600) };
+        match written {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(path = %path.display(), "cannot restore the state file: {e}");
+                false
+            }
+        }
+    }
 }
 
 fn open_one(path: &Path, report: &mut OpenReport) -> Result<(Mirror, Header, Vec<SlotState>), StateError> {
@@ -272,6 +522,7 @@ fn open_one(path: &Path, report: &mut OpenReport) -> Result<(Mirror, Header, Vec
         Err(std::fs::TryLockError::WouldBlock) => return Err(StateError::Locked { path: path.to_owned() }),
         Err(std::fs::TryLockError::Error(e)) => return Err(io_err("cannot lock state file", path)(e)),
     }
+    let path_lock = lock_path(path)?;
     let contents = std::fs::read(path).map_err(io_err("cannot read state file", path))?;
     let (header, slots) = decode_file(path, &contents)?;
     for (shard, state) in slots.iter().enumerate() {
@@ -284,7 +535,37 @@ fn open_one(path: &Path, report: &mut OpenReport) -> Result<(Mirror, Header, Vec
     if (map.len() as u64) < g.file_len() {
         return Err(StateError::Shrunk { path: path.to_owned(), found: map.len() as u64 });
     }
-    Ok((Mirror { path: path.to_owned(), file, map }, header, slots))
+    Ok((Mirror { path: path.to_owned(), file, map, _path_lock: path_lock }, header, slots))
+}
+
+/// Locks the path itself, whatever inode it names: binds an abstract Unix
+/// socket named after the canonical path, which no other process in this
+/// network namespace can bind while this one lives, and which the kernel
+/// releases when it dies (there is no lock file to go stale or delete).
+///
+/// The name comes from the canonical directory and the file name, so it is
+/// the same whether or not the file exists (`init` takes it too).
+pub(crate) fn lock_path(path: &Path) -> Result<UnixListener, StateError> {
+    use sha2::{Digest, Sha256};
+    use std::os::linux::net::SocketAddrExt;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().ok_or_else(|| StateError::Io {
+        what: "the path has no file name:",
+        path: path.to_owned(),
+        source: io::ErrorKind::InvalidInput.into(),
+    })?;
+    let canonical = std::fs::canonicalize(dir).map_err(io_err("cannot resolve the directory of", path))?.join(name);
+    let digest = Sha256::digest(canonical.as_os_str().as_encoded_bytes());
+    let name: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(format!("tradeid-state-{name}"))
+        .map_err(io_err("cannot name the path lock of state file", path))?;
+    UnixListener::bind_addr(&addr).map_err(|e| match e.kind() {
+        io::ErrorKind::AddrInUse => StateError::Locked { path: path.to_owned() },
+        _ => io_err("cannot take the path lock of state file", path)(e),
+    })
 }
 
 #[cfg(test)]
@@ -331,9 +612,9 @@ mod tests {
         let path = init(dir.path(), "s", small(12, 4));
         {
             let (store, _) = Store::open(std::slice::from_ref(&path)).unwrap();
-            store.persist(3, 5).unwrap();
-            store.persist(3, 9).unwrap();
-            store.persist(7, 16).unwrap();
+            store.persist(3, 5, 0).unwrap();
+            store.persist(3, 9, 0).unwrap();
+            store.persist(7, 16, 0).unwrap();
             assert_eq!(store.used(), 25);
         }
         let (store, report) = Store::open(&[path]).unwrap();
@@ -347,15 +628,15 @@ mod tests {
         let path = init(dir.path(), "s", small(12, 4));
         {
             let (store, _) = Store::open(std::slice::from_ref(&path)).unwrap();
-            store.persist(2, 4).unwrap(); // slot 1, seq 2
-            store.persist(2, 8).unwrap(); // slot 0, seq 3: the newest
+            store.persist(2, 4, 0).unwrap(); // slot 1, seq 2
+            store.persist(2, 8, 0).unwrap(); // slot 0, seq 3: the newest
         }
         flip(&path, slot_offset(2, 0) + 9); // tear the newest slot's mark
         let (store, report) = Store::open(std::slice::from_ref(&path)).unwrap();
         assert_eq!(store.mark(2), 4, "fell back to the older slot");
         assert_eq!(report.fell_back, vec![(path.clone(), 2)]);
         // The next write goes to the torn slot and repairs it.
-        store.persist(2, 12).unwrap();
+        store.persist(2, 12, 0).unwrap();
         drop(store);
         let (store, report) = Store::open(&[path]).unwrap();
         assert_eq!(store.mark(2), 12);
@@ -391,7 +672,7 @@ mod tests {
         {
             let (store, _) = Store::open(std::slice::from_ref(&path)).unwrap();
             for (shard, mark) in [(0, 3), (0, 7), (1, 16), (2, 1), (2, 2), (2, 5)] {
-                store.persist(shard, mark).unwrap();
+                store.persist(shard, mark, 0).unwrap();
             }
         }
         let pristine = std::fs::read(&path).unwrap();
@@ -476,10 +757,10 @@ mod tests {
         let backup = dir.path().join("b.backup");
         {
             let (store, _) = Store::open(&paths).unwrap();
-            store.persist(1, 4).unwrap();
+            store.persist(1, 4, 0).unwrap();
             std::fs::copy(&paths[1], &backup).unwrap();
-            store.persist(1, 10).unwrap();
-            store.persist(2, 16).unwrap();
+            store.persist(1, 10, 0).unwrap();
+            store.persist(2, 16, 0).unwrap();
         }
         std::fs::copy(&backup, &paths[1]).unwrap(); // roll mirror b back
         let (store, report) = Store::open(&paths).unwrap();
@@ -498,5 +779,117 @@ mod tests {
         let b = init(dir.path(), "b", small(12, 4));
         let err = Store::open(&[a, b]).err().unwrap();
         assert!(matches!(err, StateError::MirrorMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn block_size_hints_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = init(dir.path(), "s", small(12, 6));
+        {
+            let (store, _) = Store::open(std::slice::from_ref(&path)).unwrap();
+            assert_eq!(store.hint(3), 0, "a new file has no hints");
+            store.persist(3, 40, 32).unwrap();
+        }
+        let (store, _) = Store::open(&[path]).unwrap();
+        assert_eq!((store.mark(3), store.hint(3), store.hint(4)), (40, 32, 0));
+    }
+
+    fn serving_store(dir: &Path) -> (PathBuf, Store) {
+        let path = init(dir, "s", small(12, 4));
+        let (store, _) = Store::open(std::slice::from_ref(&path)).unwrap();
+        store.persist(1, 8, 8).unwrap();
+        store.persist(2, 16, 16).unwrap();
+        (path, store)
+    }
+
+    #[test]
+    fn an_untouched_file_verifies_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_path, store) = serving_store(dir.path());
+        assert_eq!(store.verify().unwrap(), Integrity::Intact);
+    }
+
+    /// `cp old s.state` writes old bytes into the inode the server has
+    /// mapped: verify writes the marks back, and a reopen sees them.
+    #[test]
+    fn an_old_copy_written_over_the_file_is_repaired_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = init(dir.path(), "s", small(12, 4));
+        let (store, _) = Store::open(std::slice::from_ref(&path)).unwrap();
+        store.persist(1, 4, 4).unwrap();
+        let old = std::fs::read(&path).unwrap();
+        store.persist(1, 12, 4).unwrap();
+        store.persist(2, 16, 16).unwrap();
+        std::fs::write(&path, &old).unwrap(); // same inode, old bytes
+        match store.verify().unwrap() {
+            Integrity::Repaired { records, .. } => assert!(records >= 2, "{records}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(store.verify().unwrap(), Integrity::Intact, "repaired for good");
+        drop(store);
+        let snap = Snapshot::read(&path).unwrap();
+        assert_eq!((snap.marks[1], snap.marks[2]), (12, 16), "the file on disk has the marks back");
+        // A shorter file written over it (another geometry) is repaired too.
+        let (store, _) = Store::open(std::slice::from_ref(&path)).unwrap();
+        std::fs::write(&path, &old[..HEADER_LEN]).unwrap();
+        assert!(matches!(store.verify().unwrap(), Integrity::Repaired { .. }));
+        drop(store);
+        assert_eq!(Snapshot::read(&path).unwrap().marks[1], 12);
+    }
+
+    /// `mv old s.state` swaps the inode: the store stops reserving, writes
+    /// its marks to the path, and says so.
+    #[test]
+    fn a_copy_moved_over_the_path_is_replaced_with_the_current_marks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, store) = serving_store(dir.path());
+        let old = dir.path().join("old");
+        std::fs::copy(&path, &old).unwrap();
+        store.persist(1, 15, 8).unwrap();
+        std::fs::rename(&old, &path).unwrap();
+        let err = store.verify().unwrap_err();
+        assert!(matches!(err, StateError::Displaced { restored: true, .. }), "{err}");
+        assert!(err.to_string().contains("was replaced by another file"), "{err}");
+        assert!(matches!(store.persist(1, 16, 8), Err(StateError::Poisoned)), "no more reservations");
+        drop(store);
+        assert_eq!(Snapshot::read(&path).unwrap().marks[1], 15);
+    }
+
+    #[test]
+    fn a_deleted_file_is_written_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, store) = serving_store(dir.path());
+        std::fs::remove_file(&path).unwrap();
+        let err = store.verify().unwrap_err();
+        assert!(matches!(err, StateError::Displaced { restored: true, what: "was deleted", .. }), "{err}");
+        drop(store);
+        let snap = Snapshot::read(&path).unwrap();
+        assert_eq!((snap.marks[1], snap.marks[2]), (8, 16));
+    }
+
+    /// Another state file moved to the path is never overwritten.
+    #[test]
+    fn a_foreign_file_at_the_path_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, store) = serving_store(dir.path());
+        let other = init(dir.path(), "other", small(12, 4));
+        let other_bytes = std::fs::read(&other).unwrap();
+        std::fs::rename(&other, &path).unwrap();
+        let err = store.verify().unwrap_err();
+        assert!(matches!(err, StateError::Displaced { restored: false, .. }), "{err}");
+        assert!(err.to_string().contains("could not be restored safely"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), other_bytes);
+    }
+
+    /// While a store is open, its path stays locked even after the file was
+    /// moved away and another put in its place.
+    #[test]
+    fn the_path_stays_locked_whatever_inode_it_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _store) = serving_store(dir.path());
+        std::fs::rename(&path, dir.path().join("moved")).unwrap();
+        std::fs::copy(dir.path().join("moved"), &path).unwrap();
+        let err = Store::open(std::slice::from_ref(&path)).err().unwrap();
+        assert!(matches!(err, StateError::Locked { .. }), "{err}");
     }
 }
