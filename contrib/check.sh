@@ -100,10 +100,18 @@ if not alerts:
     problem(f"{rules_path}: no alerts found")
 
 anchors = set()
+in_code = False
 for line in read(runbooks_path).splitlines():
-    m = re.match(r"#{1,6}\s+(.*?)\s*$", line)
+    if line.startswith("```"):
+        in_code = not in_code
+    m = None if in_code else re.match(r"#{1,6}\s+(.*?)\s*$", line)
     if m:
+        if slug(m.group(1)) in anchors:
+            problem(f"{runbooks_path}: heading {m.group(1)!r} twice (its second anchor would get a -1 suffix)")
         anchors.add(slug(m.group(1)))
+for target in re.findall(r"\]\(#([^)]+)\)", read(runbooks_path)):
+    if target not in anchors:
+        problem(f"{runbooks_path}: link to #{target}, which is no heading")
 
 for name, fields in sorted(alerts.items()):
     for key in ("severity", "summary", "description", "runbook"):
@@ -243,7 +251,7 @@ for p in problems:
 if not problems:
     print(f"ok: {len(alerts)} alerts, each with a severity, summary, description and runbook section;"
           f" each fires and stays silent in a test")
-    print(f"ok: dashboard: {len(exprs)} queries, $instance on every selector, $__rate_interval in every rate,"
+    print(f"ok: dashboard: {len(exprs)} queries (annotations included), $instance on every selector, $__rate_interval in every rate,"
           f" cluster-only series in the cluster row; every metric documented")
 sys.exit(1 if problems else 0)
 PY
