@@ -50,8 +50,22 @@ impl ServeConfig {
             .into());
         }
         let workers = args.workers.unwrap_or(cpus.len().max(1));
-        if !(1..=1024).contains(&workers) {
-            return Err(ConfigError(format!("--workers {workers} is out of range: it must be 1..=1024")).into());
+        if !(1..=MAX_WORKERS).contains(&workers) {
+            let waste = tradeid::generator::max_waste_per_restart(args.block_max, workers);
+            return Err(ConfigError(format!(
+                "--workers {workers} is out of range: it must be 1..={MAX_WORKERS}. Each worker holds up to two blocks \
+                 of --block-max {} IDs, so {workers} workers could skip {waste} IDs ({:.2}% of the space) at every restart",
+                args.block_max,
+                100.0 * waste as f64 / (1u64 << 35) as f64
+            ))
+            .into());
+        }
+        if !cpus.is_empty() && workers > cpus.len() {
+            tracing::warn!(
+                workers,
+                cpus = cpus.len(),
+                "more workers than CPUs: the extra workers only add context switches, and each holds up to two blocks that a restart skips"
+            );
         }
         let worker_cpus =
             (0..workers).map(|i| if cpus.is_empty() { None } else { Some(cpus[i % cpus.len()]) }).collect::<Vec<_>>();
@@ -66,6 +80,15 @@ impl ServeConfig {
             return Err(
                 ConfigError(format!("--block-max {} is out of range: it must be 1..=2^30", args.block_max)).into()
             );
+        }
+        let least = 4 * u64::from(args.max_batch);
+        if args.block_max < least {
+            return Err(ConfigError(format!(
+                "--block-max {} is below 4 x --max-batch ({least}): a block would hold fewer than four of the largest \
+                 requests, so workers would keep running dry and answer !ERR503. Use --block-max {least} or more",
+                args.block_max
+            ))
+            .into());
         }
         let defaults = GeneratorConfig::default();
         let data = dataplane::Config {
@@ -164,6 +187,10 @@ pub(crate) fn cluster_options(
         user,
     }))
 }
+
+/// The most workers one server runs: far more than any CPU count it would
+/// help, and a bound on the IDs a restart can skip.
+pub(crate) const MAX_WORKERS: usize = 256;
 
 /// Parses "0,2,4-7" into CPU numbers.
 fn parse_cpu_list(list: &str) -> Result<Vec<usize>, ConfigError> {

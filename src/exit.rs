@@ -40,7 +40,7 @@ pub fn code(err: &anyhow::Error) -> u8 {
         };
         if let Some(e) = state_error {
             return match e {
-                S::NotFound { .. } => 66,
+                S::NotFound { .. } | S::MirrorMissing { .. } | S::InterruptedInit { .. } => 66,
                 S::Locked { .. } => 69,
                 S::Exists { .. } | S::NoSpace { .. } => 73,
                 S::BadHeader { .. } | S::BadShard { .. } | S::WrongSize { .. } | S::MirrorMismatch { .. } => 65,

@@ -204,11 +204,19 @@ fn bad_flags_name_the_flag() {
         ("--cpus", "banana", "--cpus \"banana\" is not a CPU list"),
         ("--rate-limit", "lots", "--rate-limit \"lots\" is not a rate"),
         ("--workers", "0", "--workers 0 is out of range"),
+        ("--workers", "1000", "could skip 2097152000 IDs (6.10% of the space) at every restart"),
+        ("--block-max", "1", "--block-max 1 is below 4 x --max-batch (700)"),
+        ("--block-max", "699", "would keep running dry and answer !ERR503"),
     ] {
         let out = run(&["serve", "--check-config", "--state", path, flag, value]);
         assert_eq!(out.status.code(), Some(78), "{flag}");
         assert!(stderr(&out).contains(needle), "{flag}: {}", stderr(&out));
     }
+    // More workers than CPUs is allowed (up to the cap), with a warning.
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let out = run(&["serve", "--check-config", "--state", path, "--workers", &(cpus + 1).to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("more workers than CPUs"), "{}", stderr(&out));
     let out = run(&["decode", "--state", path, "B762FU0"]);
     assert_eq!(out.status.code(), Some(78));
     assert!(stderr(&out).contains("'U' is never used"));

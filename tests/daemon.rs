@@ -268,10 +268,10 @@ fn logs_are_journald_friendly_under_systemd() {
 fn capacity_warnings_fire_as_the_space_fills() {
     let dir = tempfile::tempdir().unwrap();
     let state = init_state(dir.path(), "s", &["--width", "12", "--shard-bits", "6"]);
-    let daemon = Daemon::start(&state, &["--workers", "1", "--block-max", "64"]);
+    let daemon = Daemon::start(&state, &["--workers", "1", "--block-max", "64", "--max-batch", "16"]);
     let mut got = 0;
     while got < 3500 {
-        match exchange(daemon.addr, &request(100), Duration::from_secs(1)).unwrap().as_slice() {
+        match exchange(daemon.addr, &request(16), Duration::from_secs(1)).unwrap().as_slice() {
             b"!ERR503" => std::thread::sleep(Duration::from_millis(1)),
             reply => got += ids_of(reply).len(),
         }

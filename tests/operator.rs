@@ -164,3 +164,50 @@ fn a_deleted_state_file_is_written_back() {
     let daemon = Daemon::start(&state, &["--workers", "1"]);
     fetch_unique(daemon.addr, 50_000, &mut seen, "after restart");
 }
+
+/// `init` with a mirror, killed at random moments: the next `init` leaves no
+/// temporary files, and a half-made set is named with the file to delete;
+/// following that advice always ends with a complete, valid set.
+#[test]
+fn an_init_killed_midway_is_cleaned_up_and_explained() {
+    let seed = seed();
+    let mut rng = Rng(seed);
+    for round in 0..iterations("TRADEID_INIT_KILL_ROUNDS", 40) {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        let args = ["init", "--state", a.to_str().unwrap(), "--state", b.to_str().unwrap()];
+        let mut child = tradeid()
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_micros(rng.below(6000)));
+        let _ = child.kill();
+        let _ = child.wait();
+        let out = run(&args);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        let temps: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp-"))
+            .collect();
+        assert!(temps.is_empty(), "seed {seed}, round {round}: temporaries left: {temps:?}");
+        match out.status.code() {
+            Some(0) => {}
+            Some(73) => assert!(err.contains("already exists"), "seed {seed}, round {round}: {err}"),
+            Some(66) => {
+                // Half a set: delete what it names, then init works.
+                assert!(err.contains("an init was interrupted") && err.contains("Delete"), "seed {seed}: {err}");
+                let doomed = if a.exists() { &a } else { &b };
+                std::fs::remove_file(doomed).unwrap();
+                let out = run(&args);
+                assert!(out.status.success(), "seed {seed}, round {round}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            other => panic!("seed {seed}, round {round}: exit {other:?}: {err}"),
+        }
+        // Whatever happened, the set now opens.
+        let out = run(&["inspect", "--state", &format!("{},{}", a.display(), b.display())]);
+        assert!(out.status.success(), "seed {seed}, round {round}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}

@@ -167,7 +167,7 @@ fn kill_9_chaos_never_repeats_an_id() {
     for round in 0..iterations {
         let workers = 1 + rng.below(2);
         // Small blocks make flushes frequent, so kills land mid-reservation.
-        let block_max = ["64", "1024", "1048576"][rng.below(3) as usize];
+        let block_max = ["1024", "4096", "1048576"][rng.below(3) as usize];
         let mut daemon = Daemon::start(&state, &["--workers", &workers.to_string(), "--block-max", block_max]);
         let stop = AtomicBool::new(false);
         let kill_after = Duration::from_millis(20 + rng.below(150));

@@ -64,6 +64,23 @@ pub enum StateError {
         /// The file.
         path: PathBuf,
     },
+    /// Some files of a mirror set exist, none ever served, the others are
+    /// missing: an init was killed between creating them.
+    #[error("state files {} exist but {} do not, and the existing ones have never served an ID (every mark is 0): an init was interrupted while creating the set. Delete {} (safe: nothing was ever handed out from it) and run init again with every path", list(.existing), list(.missing), delete_list(.existing))]
+    InterruptedInit {
+        /// The files that exist.
+        existing: Vec<PathBuf>,
+        /// The files that do not.
+        missing: Vec<PathBuf>,
+    },
+    /// One mirror of a set that has served is missing.
+    #[error("state file {missing} does not exist, but its mirror {present} does and has served IDs. Restore the missing mirror from it while no server runs (`cp {present} {missing}`; a copy that is behind is repaired from the newest marks at start), or remove {missing} from --state")]
+    MirrorMissing {
+        /// The missing mirror.
+        missing: PathBuf,
+        /// A mirror that exists.
+        present: PathBuf,
+    },
     /// The file is missing at open.
     #[error("state file {path} does not exist. Create it once with `tradeid init --state {path}`; if it existed before, restore it (with its mirrors) instead, because a new file would hand out old IDs again")]
     NotFound {
@@ -192,6 +209,14 @@ pub enum StateError {
         /// The OS error.
         source: io::Error,
     },
+}
+
+fn list(paths: &[PathBuf]) -> String {
+    paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+}
+
+fn delete_list(paths: &[PathBuf]) -> String {
+    paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" and ")
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StateError + 'a {

@@ -96,6 +96,14 @@ impl Store {
     /// behind (restored from an old copy) are repaired before this returns.
     pub fn open(paths: &[PathBuf]) -> Result<(Store, OpenReport), StateError> {
         assert!(!paths.is_empty(), "at least one state file");
+        let missing: Vec<PathBuf> = paths.iter().filter(|p| !p.exists()).cloned().collect();
+        if !missing.is_empty() && missing.len() < paths.len() {
+            let existing: Vec<PathBuf> = paths.iter().filter(|p| p.exists()).cloned().collect();
+            if existing.iter().all(|p| super::create::never_served(p)) {
+                return Err(StateError::InterruptedInit { existing, missing });
+            }
+            return Err(StateError::MirrorMissing { missing: missing[0].clone(), present: existing[0].clone() });
+        }
         let mut report = OpenReport::default();
         let mut loaded: Vec<(Mirror, Header, Vec<SlotState>)> = Vec::new();
         for path in paths {
@@ -891,5 +899,24 @@ mod tests {
         std::fs::copy(dir.path().join("moved"), &path).unwrap();
         let err = Store::open(std::slice::from_ref(&path)).err().unwrap();
         assert!(matches!(err, StateError::Locked { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_missing_mirror_is_explained() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        create(&[a.clone(), b.clone()], &Header::new(small(12, 4), false).unwrap()).unwrap();
+        std::fs::remove_file(&b).unwrap();
+        // Never served: the set was cut short, delete the rest.
+        let err = Store::open(&[a.clone(), b.clone()]).err().unwrap();
+        assert!(matches!(err, StateError::InterruptedInit { .. }), "{err}");
+        // Served: restore the mirror from the other.
+        {
+            let (store, _) = Store::open(std::slice::from_ref(&a)).unwrap();
+            store.persist(0, 4, 4).unwrap();
+        }
+        let err = Store::open(&[a.clone(), b.clone()]).err().unwrap();
+        assert!(matches!(err, StateError::MirrorMissing { .. }), "{err}");
+        assert!(err.to_string().contains(&format!("cp {} {}", a.display(), b.display())), "{err}");
     }
 }
