@@ -135,8 +135,11 @@ impl ServeConfig {
         let control = control::Config {
             admin: args.admin,
             max_batch: args.max_batch,
-            max_waste_per_restart: data.max_waste_per_restart(usize::from(args.admin.is_some())),
+            max_waste_per_restart: data
+                .max_waste_per_restart(usize::from(args.admin.is_some()) + usize::from(args.grpc.is_some())),
             watchdog,
+            grpc: args.grpc,
+            policy: data.policy.clone(),
         };
         Ok(ServeConfig { data, control })
     }

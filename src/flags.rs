@@ -194,6 +194,10 @@ pub struct ServeArgs {
     /// (off by default; keep it on loopback).
     #[arg(long, env = "TRADEID_ADMIN")]
     pub admin: Option<SocketAddr>,
+    /// gRPC listener (tradeid.v1.IdService, health, reflection); off by
+    /// default. Peers are checked against --allow.
+    #[arg(long, env = "TRADEID_GRPC")]
+    pub grpc: Option<SocketAddr>,
     /// Source networks allowed to request IDs (repeatable)
     /// [default: loopback and private ranges].
     #[arg(long = "allow", env = "TRADEID_ALLOW", value_delimiter = ',')]

@@ -60,6 +60,8 @@ pub(crate) struct Observer {
     pub(crate) grpc: ProtocolCounters,
     /// Where HTTP requests draw IDs from.
     pub(crate) http_ids: OffPlaneIds,
+    /// Where gRPC requests draw IDs from.
+    pub(crate) grpc_ids: OffPlaneIds,
 }
 
 struct RateSample {
@@ -99,6 +101,7 @@ impl Observer {
             http: ProtocolCounters::default(),
             grpc: ProtocolCounters::default(),
             http_ids: OffPlaneIds::new(Arc::clone(&generator)),
+            grpc_ids: OffPlaneIds::new(Arc::clone(&generator)),
             generator,
         }
     }

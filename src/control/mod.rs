@@ -4,6 +4,7 @@
 //! and tells it to stop; it never touches a datagram.
 
 mod admin;
+mod grpc;
 mod ids;
 mod metrics;
 pub(crate) mod systemd;
@@ -20,7 +21,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tradeid::state::{Integrity, StateError};
 
 use crate::dataplane::Server;
-use metrics::Observer;
+use metrics::{Observer, Readiness};
 use systemd::Notifier;
 
 /// What the control plane needs besides the running data plane.
@@ -34,6 +35,10 @@ pub(crate) struct Config {
     pub(crate) max_waste_per_restart: u64,
     /// The systemd watchdog interval, if any.
     pub(crate) watchdog: Option<Duration>,
+    /// gRPC address, if any.
+    pub(crate) grpc: Option<SocketAddr>,
+    /// Who may ask for IDs over gRPC (the UDP allowlist).
+    pub(crate) policy: tradeid::policy::SourcePolicy,
 }
 
 /// Runs the control plane until SIGTERM/SIGINT (exit 0 after a clean stop)
@@ -63,6 +68,15 @@ async fn control(server: Server, config: Config) -> anyhow::Result<()> {
         tracing::info!(%bound, "admin HTTP listening");
         println!("admin listening on {bound}");
     }
+    let grpc = match config.grpc {
+        None => None,
+        Some(addr) => {
+            let server = grpc::GrpcServer::start(addr, Arc::clone(&observer), config.policy.clone())?;
+            tracing::info!(bound = %server.addr, "gRPC listening");
+            println!("grpc listening on {}", server.addr);
+            Some(server)
+        }
+    };
     let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
 
@@ -110,6 +124,9 @@ async fn control(server: Server, config: Config) -> anyhow::Result<()> {
                 }
                 capacity.check(observer.used_fraction());
                 send_errors.check(observer.send_failures());
+                if let Some(grpc) = &grpc {
+                    grpc.set_serving(matches!(observer.readiness(), Readiness::Ready(_))).await;
+                }
                 // Every second, whether traffic flows or not: is the state
                 // file at its path still the one we write? (Off the runtime:
                 // it stats and reads the file.)
@@ -139,8 +156,13 @@ async fn control(server: Server, config: Config) -> anyhow::Result<()> {
             }
         }
     };
-    // From here on the server is stopping: /readyz says so.
+    // From here on the server is stopping: /readyz and gRPC health say so,
+    // and gRPC calls in progress end.
     observer.running.store(false, Ordering::Relaxed);
+    if let Some(grpc) = grpc {
+        grpc.set_serving(false).await;
+        tokio::task::spawn_blocking(move || grpc.stop()).await.context("stopping the gRPC listener")?;
+    }
     let signal_name = match outcome {
         Ok(name) => name,
         Err(e) => {
