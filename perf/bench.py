@@ -126,6 +126,76 @@ def builds(o):
         sys.stdout.flush()
 
 
+class Etcd:
+    """A single-member etcd on loopback (Debian's etcd-server), data on disk."""
+
+    def __init__(self):
+        import socket
+        def port():
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                return sock.getsockname()[1]
+        self.dir = tempfile.mkdtemp(prefix="tradeid-bench-etcd-")
+        self.url = f"http://127.0.0.1:{port()}"
+        self.proc = subprocess.Popen(
+            ["etcd", "--data-dir", os.path.join(self.dir, "data"), "--listen-client-urls", self.url,
+             "--advertise-client-urls", self.url, "--listen-peer-urls", f"http://127.0.0.1:{port()}",
+             "--logger", "zap", "--log-level", "error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(2)
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def cluster_node(etcd, name, workers, extra=()):
+    state = os.path.join(tempfile.mkdtemp(prefix="tradeid-bench-"), "state")
+    subprocess.run([TRADEID, "init", "--state", state, "--etcd", etcd.url, "--cluster", name], check=True,
+                   stdout=subprocess.DEVNULL)
+    return Server([TRADEID, "serve", "--state", state, "--listen", "127.0.0.1:0", "--workers", str(workers),
+                   "--max-batch", "175", "--etcd", etcd.url, "--cluster", name, *extra])
+
+
+def cluster(o):
+    """Cluster mode (one node on etcd) against standalone and echo, single ID
+    and bulk 175, rotated in one run; and the etcd load at full speed."""
+    etcd = Etcd()
+    try:
+        print("\n### Cluster mode vs standalone (1 worker on CPU 1, loadgen on CPU 0, 4 sockets x 16; one etcd on loopback)\n")
+        print("| workload | echo req/s | standalone req/s | cluster req/s | cluster / standalone | standalone / echo | cluster / echo |")
+        print("|---|---|---|---|---|---|---|")
+        lg = ["--sockets", "4", "--window", "16", "--cpus", "0"]
+        counter = [0]
+
+        def node():
+            counter[0] += 1
+            return cluster_node(etcd, f"bench{counter[0]}", 1, ["--cpus", "1"])
+
+        for batch in (1, 175):
+            hexreq = "49440101" + f"{batch:04x}" + "0000"
+            runs = rotate([
+                ("echo", lambda: echo(1, 7 * batch, "1"), lg + ["--request-hex", hexreq, "--reply-len", str(7 * batch)]),
+                ("standalone", lambda: tradeid(1, ["--cpus", "1"]), lg + ["--batch", str(batch)]),
+                ("cluster", node, lg + ["--batch", str(batch)]),
+            ], o.seconds, o.reps)
+            e, a, c = (med(runs[k], "requests_per_second") for k in ("echo", "standalone", "cluster"))
+            name = "single ID" if batch == 1 else f"bulk {batch}"
+            print(f"| {name} | {e:,.0f} | {a:,.0f} | {c:,.0f} | {c / a:.3f} | {a / e:.3f} | {c / e:.3f} |")
+            sys.stdout.flush()
+        # The etcd load that full bulk speed needs, from the node's metrics.
+        server = cluster_node(etcd, "load", 1, ["--cpus", "1", "--admin", "127.0.0.1:0"])
+        try:
+            admin = None
+            time.sleep(0.2)
+            result = load(server, o.seconds * 2, lg + ["--batch", "175"])
+        finally:
+            server.stop()
+        print(f"\nAt full bulk speed ({result['ids_per_second']:,.0f} IDs/s on one worker) see the reservation rate in "
+              "`cargo bench --bench cluster_scale` (section 2), which paces generators at fixed rates.")
+    finally:
+        etcd.stop()
+
+
 def med(runs, key):
     return statistics.median(r[key] for r in runs)
 
@@ -228,7 +298,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--seconds", type=float, default=3)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--only", default="single,bulk,latency,rss,limits,steering")
+    p.add_argument("--only", default="single,bulk,latency,rss,limits,steering,cluster")
     p.add_argument("--baseline-bin", help="for --only builds: a tradeid binary from another commit")
     p.add_argument("--baseline-label", default="baseline", help="what to call --baseline-bin in the table")
     o = p.parse_args()

@@ -18,6 +18,8 @@
 //! and tests that run a server in-process.
 #![warn(missing_docs)]
 
+#[doc(hidden)]
+pub mod bench;
 mod cluster;
 mod commands;
 mod config;
