@@ -12,11 +12,13 @@ export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 # Debian packages the suites use, each with what shows it is installed:
 # etcd for the cluster tests, openssl for their TLS certificates, strace for
 # the msync fault test, systemd for the unit checks, protoc for the etcd
-# and gRPC code, and Python's grpcio and pytest for the gRPC tests.
+# and gRPC code, Python's grpcio and pytest for the gRPC tests, and
+# Prometheus (and promtool) for the alert rules and the dashboard.
 NEEDS=(
     "etcd:etcd-server" "etcdctl:etcd-client" "openssl:openssl" "strace:strace"
     "systemd-analyze:systemd" "protoc:protobuf-compiler" "grpc_python_plugin:protobuf-compiler-grpc"
     "/usr/lib/python3/dist-packages/grpc:python3-grpcio" "/usr/lib/python3/dist-packages/pytest:python3-pytest"
+    "prometheus:prometheus" "promtool:prometheus"
 )
 
 step() { printf '\n==> %s\n' "$*"; }
@@ -50,3 +52,10 @@ bash scripts/check-structure.sh
 # built with the test hooks compiled in.
 step "gRPC: a stock Python grpcio client against the real server"
 /usr/bin/python3 -m pytest -q -p no:cacheprovider tests/grpc
+
+step "alert rules and dashboard: promtool check and test, static checks"
+bash contrib/check.sh
+
+step "dashboard and rules against a real Prometheus scraping real servers under load"
+cargo build --release --workspace
+python3 contrib/live_check.py
