@@ -330,3 +330,45 @@ fn tradeid_get_fetches_with_failover() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no reply from"));
     assert!(started.elapsed() < Duration::from_secs(3));
 }
+
+/// A server with a lower --max-batch answers `!ERR413`; `tradeid get`
+/// halves its batch until accepted and gets every ID it asked for.
+#[test]
+fn tradeid_get_shrinks_its_batch_to_the_servers_max_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &[]);
+    let daemon = Daemon::start(&state, &["--workers", "1", "--max-batch", "50"]);
+    let out = run(&["get", "-n", "100", "--server", &daemon.addr.to_string()]);
+    assert!(out.status.success(), "{:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    let ids: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(String::from).collect();
+    assert_eq!(ids.len(), 100);
+    for id in &ids {
+        ids_of(id.as_bytes());
+    }
+    insert_unique(&mut HashSet::new(), ids);
+}
+
+/// Counts and attempts of zero are mistakes, refused with 78 and the
+/// flag's name before any request is sent.
+#[test]
+fn tradeid_get_refuses_zero_counts_and_attempts() {
+    let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = server.local_addr().unwrap().to_string();
+    for (args, needle) in [
+        (&["-n", "0"][..], "-n/--count 0"),
+        (&["--count", "0"][..], "-n/--count 0"),
+        (&["--attempts", "0"][..], "--attempts 0"),
+        (&["--max-batch", "0"][..], "--max-batch 0"),
+        (&["--timeout-ms", "0"][..], "--timeout-ms 0"),
+    ] {
+        let mut argv = vec!["get", "--server", &addr];
+        argv.extend_from_slice(args);
+        let out = run(&argv);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+    server.set_nonblocking(true).unwrap();
+    assert!(server.recv(&mut [0u8; 64]).is_err(), "no request was sent");
+}

@@ -153,12 +153,17 @@ impl Client {
         Err(ClientError::Timeout { servers: self.config.servers.clone(), attempts: self.config.attempts })
     }
 
-    fn fetch_from(&mut self, index: usize, want: u16) -> Result<Fetched, ClientError> {
+    /// Asks server `index` for `want` IDs, up to `attempts` times. An
+    /// `!ERR413` is an answer, not a lost attempt: the batch is halved until
+    /// the server accepts it, and the client keeps that size from then on.
+    fn fetch_from(&mut self, index: usize, mut want: u16) -> Result<Fetched, ClientError> {
         let server = self.config.servers[index];
         let io_err = |source| ClientError::Io { server, source };
-        let len = if self.config.pad { protocol::padded_len(want) } else { protocol::REQUEST_LEN };
         let mut unavailable_backoff = Duration::from_millis(1);
-        for _attempt in 0..self.config.attempts.max(1) {
+        let mut attempts_left = self.config.attempts.max(1);
+        while attempts_left > 0 {
+            attempts_left -= 1;
+            let len = if self.config.pad { protocol::padded_len(want) } else { protocol::REQUEST_LEN };
             self.send_buf[..len].fill(0);
             protocol::encode_request(want, &mut self.send_buf);
             let socket = &self.sockets[index];
@@ -208,10 +213,13 @@ impl Client {
                         unavailable_backoff = (unavailable_backoff * 2).min(Duration::from_millis(50));
                         break;
                     }
-                    Reply::Error(ErrorCode::TooMany) => {
-                        // The server's max-batch is lower than ours: ask less.
-                        self.config.max_batch = (self.config.max_batch / 2).max(1);
-                        return Ok(Fetched::NoReply);
+                    Reply::Error(ErrorCode::TooMany) if want > 1 => {
+                        // The server's --max-batch is below our batch: ask
+                        // for half, at once, and never for more again.
+                        want /= 2;
+                        self.config.max_batch = self.config.max_batch.min(want);
+                        attempts_left += 1;
+                        break;
                     }
                     Reply::Error(code) => return Err(ClientError::Rejected { server, code }),
                     Reply::Malformed => {} // not from a tradeid server; ignore
@@ -320,6 +328,53 @@ mod tests {
         assert!(recent.insert(id(3)));
         assert!(recent.insert(id(1)), "1 fell out of the window");
         assert!(!recent.insert(id(3)));
+    }
+
+    /// A stand-in server that answers `!ERR413` to any request for more
+    /// than `max_batch` IDs, and fresh IDs otherwise; returns its address
+    /// and the counts it was asked for.
+    fn server_with_max_batch(max_batch: u16) -> (SocketAddr, std::sync::mpsc::Receiver<u16>) {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        let (asked, counts) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut next = 0u64;
+            let mut buf = [0u8; 65536];
+            while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                if n < protocol::REQUEST_LEN {
+                    continue;
+                }
+                let count = u16::from_be_bytes([buf[4], buf[5]]).max(1);
+                if asked.send(count).is_err() {
+                    return;
+                }
+                let reply: Vec<u8> = if count > max_batch {
+                    ErrorCode::TooMany.reply().to_vec()
+                } else {
+                    (0..u64::from(count)).flat_map(|i| Id::from_value(next + i).unwrap().to_bytes()).collect()
+                };
+                next += u64::from(count);
+                let _ = socket.send_to(&reply, from);
+            }
+        });
+        (addr, counts)
+    }
+
+    /// `!ERR413` makes the client halve its batch until accepted, and
+    /// remember that size; it is never taken for a lost reply.
+    #[test]
+    fn too_many_shrinks_the_batch_until_accepted_and_remembers_it() {
+        let (server, asked) = server_with_max_batch(50);
+        let config = ClientConfig { attempts: 1, ..ClientConfig::new(vec![server]) };
+        let mut client = Client::new(config).unwrap();
+        let ids = client.get(400).unwrap();
+        assert_eq!(ids.len(), 400);
+        assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 400, "all unique");
+        let counts: Vec<u16> = asked.try_iter().collect();
+        // 175 and 87 are refused, 43 is accepted and kept.
+        assert_eq!(&counts[..3], &[175, 87, 43]);
+        assert!(counts[3..].iter().all(|&c| c <= 43), "{counts:?}");
+        assert_eq!(client.config.max_batch, 43);
     }
 
     #[test]
