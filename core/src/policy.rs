@@ -117,32 +117,51 @@ impl SourcePolicy {
 ///
 /// Sources are keyed by /24 (IPv4) or /56 (IPv6) and hashed into a table of
 /// `capacity` buckets. The table never grows, so spoofed sources cannot
-/// exhaust memory; two prefixes that collide share a bucket, which can only
-/// make limiting stricter for them, never looser.
+/// exhaust memory. A bucket belongs to its slot, not to a prefix: prefixes
+/// that collide share it, tokens and debt alike, and a slot changing hands
+/// never refills it. Each slot is one token bucket whatever prefixes use
+/// it, so no prefix, alone or together with the prefixes it collides with,
+/// ever gets more than `burst` plus `rate` per second: collisions make
+/// limiting stricter, never looser.
+///
+/// The hash is keyed with a secret random key ([`RateLimiter::random`]),
+/// so which prefixes collide cannot be worked out from outside.
 pub struct RateLimiter {
     buckets: Box<[Bucket]>,
     rate: f64,
     burst: f64,
     epoch: Instant,
-    seed: u64,
+    key: u64,
 }
 
+/// One slot's token bucket; `last_nanos == 0` means never used (full).
 #[derive(Clone, Copy, Default)]
 struct Bucket {
-    key: u64,
     tokens: f64,
     last_nanos: u64,
 }
 
 impl RateLimiter {
-    /// `rate` requests per second per prefix, with bursts up to `burst`.
-    pub fn new(rate: u32, burst: u32, capacity: usize, seed: u64) -> RateLimiter {
+    /// `rate` requests per second per prefix, with bursts up to `burst`, in
+    /// a table of `capacity` buckets (rounded up to a power of two), hashed
+    /// with a fresh random key. Fails only if the OS random source does.
+    pub fn random(rate: u32, burst: u32, capacity: usize) -> std::io::Result<RateLimiter> {
+        let mut key = [0u8; 8];
+        getrandom::fill(&mut key).map_err(std::io::Error::other)?;
+        Ok(RateLimiter::new(rate, burst, capacity, u64::from_le_bytes(key)))
+    }
+
+    /// As [`random`](Self::random), with the hash key given: for tests and
+    /// fuzzing, which need to know which prefixes collide. A server must use
+    /// [`random`](Self::random): with a known key, colliding prefixes can
+    /// be computed offline.
+    pub fn new(rate: u32, burst: u32, capacity: usize, key: u64) -> RateLimiter {
         RateLimiter {
-            buckets: vec![Bucket::default(); capacity.next_power_of_two()].into_boxed_slice(),
+            buckets: vec![Bucket::default(); capacity.max(1).next_power_of_two()].into_boxed_slice(),
             rate: f64::from(rate),
             burst: f64::from(burst.max(1)),
             epoch: Instant::now(),
-            seed,
+            key,
         }
     }
 
@@ -154,26 +173,30 @@ impl RateLimiter {
     /// As [`allow`](Self::allow), at `now_nanos` since the limiter's epoch
     /// (for tests with a controlled clock).
     pub fn allow_at(&mut self, ip: IpAddr, now_nanos: u64) -> bool {
-        let key = prefix_key(ip);
-        let slot = (mix64(key ^ self.seed) as usize) & (self.buckets.len() - 1);
+        let slot = self.slot(prefix_key(ip));
+        let (rate, burst) = (self.rate, self.burst);
         let bucket = &mut self.buckets[slot];
-        if bucket.key != key || bucket.last_nanos == 0 {
-            // A new prefix (or a collision taking over): start with a full
-            // burst. Taking over a slot forgets the old prefix's debt, but a
-            // spoofer who churns slots only earns tokens for prefixes it
-            // does not receive replies at.
-            *bucket = Bucket { key, tokens: self.burst, last_nanos: now_nanos.max(1) };
+        if bucket.last_nanos == 0 {
+            // A slot no prefix has used yet starts full.
+            bucket.tokens = burst;
         } else {
+            // Whichever prefix used the slot last, its level carries over:
+            // a collision shares the bucket, it never refills it.
             let elapsed = now_nanos.saturating_sub(bucket.last_nanos) as f64 / 1e9;
-            bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.burst);
-            bucket.last_nanos = now_nanos.max(1);
+            bucket.tokens = (bucket.tokens + elapsed * rate).min(burst);
         }
+        bucket.last_nanos = bucket.last_nanos.max(now_nanos).max(1);
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
             true
         } else {
             false
         }
+    }
+
+    /// The table slot of a prefix key, under this limiter's secret key.
+    fn slot(&self, prefix: u64) -> usize {
+        (mix64(mix64(prefix ^ self.key) ^ self.key.rotate_left(32)) as usize) & (self.buckets.len() - 1)
     }
 }
 
@@ -270,6 +293,66 @@ mod tests {
         assert!(rl.allow_at(ip("2001:db8:0:1::1"), t0));
         assert_eq!(prefix_key(ip("2001:db8:0:1::1")), prefix_key(ip("2001:db8:0:ff::2")));
         assert_ne!(prefix_key(ip("2001:db8:0:100::1")), prefix_key(ip("2001:db8:0:1::1")));
+    }
+
+    /// `count` requests alternating between `a` and `b`, all at `now`: how
+    /// many were allowed.
+    fn alternate(rl: &mut RateLimiter, a: IpAddr, b: IpAddr, count: usize, now: u64) -> usize {
+        (0..count).filter(|i| rl.allow_at(if i % 2 == 0 { a } else { b }, now)).count()
+    }
+
+    /// A table of one bucket forces every prefix into one slot: two
+    /// prefixes taking turns get no more together than one alone would.
+    #[test]
+    fn colliding_prefixes_never_get_more_than_one_prefix_alone() {
+        let mut rl = RateLimiter::new(10, 5, 1, 1);
+        let (a, b) = (ip("203.0.113.7"), ip("198.51.100.1"));
+        let t0 = 1_000;
+        assert_eq!(alternate(&mut rl, a, b, 100, t0), 5, "one burst between them");
+        // A second later: 10 tokens of refill, capped at the burst.
+        assert_eq!(alternate(&mut rl, a, b, 100, t0 + 1_000_000_000), 5);
+        // Ten seconds of steady alternation, 100 requests a second: at most
+        // the refill of one prefix (10/s), not of two.
+        let start = t0 + 2_000_000_000;
+        let allowed =
+            (0..1000u64).filter(|&i| rl.allow_at(if i % 2 == 0 { a } else { b }, start + i * 10_000_000)).count();
+        assert!(allowed <= 5 + 100, "{allowed} allowed in 10 s");
+        assert!(allowed >= 95, "{allowed} allowed in 10 s: the shared bucket still refills");
+    }
+
+    /// Two prefixes that really collide under a known key (found by
+    /// search, as an attacker who knew the key could) share one bucket,
+    /// while a prefix in another slot keeps its own.
+    #[test]
+    fn prefixes_colliding_under_a_known_key_share_one_bucket() {
+        let key = 0x5eed;
+        let mut rl = RateLimiter::new(10, 5, 64, key);
+        let a = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+        let slot_of = |rl: &RateLimiter, ip: IpAddr| rl.slot(prefix_key(ip));
+        let b = (1..=255u8)
+            .map(|i| IpAddr::V4(Ipv4Addr::new(10, 0, i, 1)))
+            .find(|&b| slot_of(&rl, b) == slot_of(&rl, a))
+            .expect("among 255 prefixes, one shares a slot of 64 with a");
+        let c = (1..=255u8)
+            .map(|i| IpAddr::V4(Ipv4Addr::new(10, 1, i, 1)))
+            .find(|&c| slot_of(&rl, c) != slot_of(&rl, a))
+            .expect("some prefix lands elsewhere");
+        assert_ne!(prefix_key(a), prefix_key(b));
+        assert_eq!(alternate(&mut rl, a, b, 100, 1_000), 5, "a and b share one burst");
+        assert!(!rl.allow_at(b, 1_000) && !rl.allow_at(a, 1_000));
+        assert_eq!((0..10).filter(|_| rl.allow_at(c, 1_000)).count(), 5, "c has a bucket of its own");
+        // 100 ms refills one token, for the slot, not one per prefix.
+        assert_eq!(alternate(&mut rl, a, b, 10, 100_001_000), 1);
+    }
+
+    /// Every limiter made for serving draws its own key, so colliding
+    /// prefixes cannot be computed offline (or from another process).
+    #[test]
+    fn served_limiters_have_random_keys() {
+        let one = RateLimiter::random(10, 5, 64).unwrap();
+        let two = RateLimiter::random(10, 5, 64).unwrap();
+        assert_ne!(one.key, two.key);
+        assert_eq!(one.buckets.len(), 64);
     }
 
     #[test]
