@@ -11,6 +11,7 @@ use anyhow::{bail, Context};
 use tradeid::client::{Client, ClientConfig, ClientError};
 use tradeid::id::{Id, ID_LEN};
 use tradeid::keyfile::SpaceKey;
+use tradeid::protocol::MAX_BATCH_LIMIT;
 use tradeid::state::{self, ClusterBinding, Geometry, Header, Snapshot, StateError, Store};
 use tradeid::{GenError, Generator, GeneratorConfig};
 
@@ -19,6 +20,18 @@ use crate::config::{cluster_options, ServeConfig};
 use crate::exit::{ConfigError, Exhausted, Unreachable};
 use crate::flags::{Cli, Command, DecodeArgs, GenArgs, GetArgs, InitArgs, InspectArgs, KeygenArgs, ServeArgs};
 use crate::{control, dataplane};
+
+/// `println!` that returns a failed write as an error instead of
+/// panicking (a panic aborts the release build): a closed pipe (`| head`)
+/// then ends the command quietly (see [`crate::exit::report`]).
+macro_rules! say {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout(), $($arg)*).context(STDOUT)?
+    };
+}
+
+/// What a failed write to standard output was doing.
+const STDOUT: &str = "cannot write to standard output";
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -41,8 +54,8 @@ fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
     let key =
         SpaceKey::generate(args.width, args.shard_bits).context("cannot read the OS random source for the key")?;
     key.write_new(&args.out)?;
-    println!("created {} (space {})", args.out.display(), key.space_id());
-    println!(
+    say!("created {} (space {})", args.out.display(), key.space_id());
+    say!(
         "copy it to every node, then on node I of N: tradeid init --state FILE --node I --nodes N --key-file {}",
         args.out.display()
     );
@@ -92,9 +105,9 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
     .context("cannot read the OS random source")?;
     state::create(&args.state, &header)?;
     for path in &args.state {
-        println!("created {}", path.display());
+        say!("created {}", path.display());
     }
-    println!(
+    say!(
         "space {}, node {} of {}: {} IDs in {} shards of {}{}",
         header.space_id(),
         geometry.node,
@@ -124,12 +137,11 @@ fn gen(args: GenArgs) -> anyhow::Result<()> {
         let n = left.min(1024) as usize;
         handle.fill(&mut buf[..n * ID_LEN]).map_err(gen_error)?;
         for id in buf[..n * ID_LEN].chunks_exact(ID_LEN) {
-            out.write_all(id)?;
-            out.write_all(b"\n")?;
+            out.write_all(id).and_then(|()| out.write_all(b"\n")).context(STDOUT)?;
         }
         left -= n as u64;
     }
-    out.flush().context("writing IDs to standard output")?;
+    out.flush().context(STDOUT)?;
     Ok(())
 }
 
@@ -153,25 +165,25 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     let in_use: Vec<u32> = g.node_shards().filter(|&s| (1..g.shard_size()).contains(&snap.marks[s as usize])).collect();
     let full = g.node_shards().filter(|&s| snap.marks[s as usize] == g.shard_size()).count();
     let pct = |n: u64| 100.0 * n as f64 / capacity as f64;
-    println!("state file     {}", path.display());
-    println!("format         version 1, created at unix time {}", h.created_unix);
-    println!(
+    say!("state file     {}", path.display());
+    say!("format         version 1, created at unix time {}", h.created_unix);
+    say!(
         "ids            {}",
         if h.sequential { "sequential (identity permutation)" } else { "permuted (keyed Feistel)" }
     );
-    println!("geometry       2^{} IDs, {} shards of {}", g.width, g.shard_count(), g.shard_size());
-    println!(
+    say!("geometry       2^{} IDs, {} shards of {}", g.width, g.shard_count(), g.shard_size());
+    say!(
         "space          {}{}",
         h.space_id(),
         if h.records_space_id { "" } else { " (derived; not recorded by the tradeid that made this file)" }
     );
-    println!("partition      node {} of {} ({} shards)", g.node, g.nodes, g.node_shards().count());
+    say!("partition      node {} of {} ({} shards)", g.node, g.nodes, g.node_shards().count());
     if let Err(e) = h.check_servable(path) {
-        println!("WARNING        {e}");
+        say!("WARNING        {e}");
     }
-    println!("used           {used} of {capacity} ({:.4}%)", pct(used));
-    println!("remaining      {} ({:.4}%)", capacity - used, pct(capacity - used));
-    println!("shards         {} partly used, {full} full", in_use.len());
+    say!("used           {used} of {capacity} ({:.4}%)", pct(used));
+    say!("remaining      {} ({:.4}%)", capacity - used, pct(capacity - used));
+    say!("shards         {} partly used, {full} full", in_use.len());
     if !in_use.is_empty() {
         let shown: Vec<String> = in_use
             .iter()
@@ -179,22 +191,18 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             .map(|&s| format!("{s} ({} of {} used)", snap.marks[s as usize], g.shard_size()))
             .collect();
         let more = if in_use.len() > 16 { format!(", and {} more", in_use.len() - 16) } else { String::new() };
-        println!("in use         {}{more}", shown.join(", "));
+        say!("in use         {}{more}", shown.join(", "));
     }
-    println!(
+    say!(
         "waste/restart  at most {} IDs per worker (2 blocks of --block-max {})",
         tradeid::generator::max_waste_per_restart(args.block_max, 1),
         args.block_max
     );
     if !snap.fell_back.is_empty() {
-        println!(
-            "torn slots     {} shard(s) fell back to their older slot: {:?}",
-            snap.fell_back.len(),
-            snap.fell_back
-        );
+        say!("torn slots     {} shard(s) fell back to their older slot: {:?}", snap.fell_back.len(), snap.fell_back);
     }
     for mirror in &args.state[1..] {
-        println!("mirror         {}: {}", mirror.display(), compare_mirror(&snap, mirror));
+        say!("mirror         {}: {}", mirror.display(), compare_mirror(&snap, mirror));
     }
     Ok(())
 }
@@ -234,11 +242,11 @@ fn decode(args: DecodeArgs) -> anyhow::Result<()> {
     let shard = (counter >> g.shard_bits) as u32;
     let offset = counter & (g.shard_size() - 1);
     let issued = offset < snap.marks[shard as usize];
-    println!("id       {id}");
-    println!("space    {}", snap.header.space_id());
-    println!("counter  {counter}");
-    println!("shard    {shard} (offset {offset}, owned by node {})", shard % g.nodes);
-    println!(
+    say!("id       {id}");
+    say!("space    {}", snap.header.space_id());
+    say!("counter  {counter}");
+    say!("shard    {shard} (offset {offset}, owned by node {})", shard % g.nodes);
+    say!(
         "status   {}",
         if issued { "below the shard's mark: may have been issued" } else { "above the shard's mark: never issued" }
     );
@@ -272,7 +280,7 @@ fn check_config(config: &ServeConfig) -> anyhow::Result<()> {
             Err(e) => return Err(e.into()),
         }
     }
-    println!(
+    say!(
         "configuration OK: {} worker(s) on {}, state {:?}, max batch {}",
         data.worker_cpus.len(),
         data.listen,
@@ -284,6 +292,23 @@ fn check_config(config: &ServeConfig) -> anyhow::Result<()> {
 
 /// `tradeid get`: fetch IDs from running servers.
 fn get(args: GetArgs) -> anyhow::Result<()> {
+    if args.count == 0 {
+        bail!(ConfigError("-n/--count 0 asks for no ID; give the number of IDs to fetch (1 or more)".into()));
+    }
+    if args.attempts == 0 {
+        bail!(ConfigError("--attempts 0 would never send a request; use 1 or more attempts per server".into()));
+    }
+    if !(1..=MAX_BATCH_LIMIT).contains(&args.max_batch) {
+        bail!(ConfigError(format!(
+            "--max-batch {} is out of range; use 1..={MAX_BATCH_LIMIT} (the client halves it if a server allows less)",
+            args.max_batch
+        )));
+    }
+    if args.timeout_ms == 0 {
+        bail!(ConfigError(
+            "--timeout-ms 0 gives up before any reply can arrive; use a few milliseconds or more".into()
+        ));
+    }
     let mut servers = Vec::new();
     for s in &args.servers {
         let addr = s
@@ -308,9 +333,9 @@ fn get(args: GetArgs) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     for id in ids {
-        writeln!(out, "{id}")?;
+        writeln!(out, "{id}").context(STDOUT)?;
     }
-    out.flush()?;
+    out.flush().context(STDOUT)?;
     Ok(())
 }
 
@@ -352,9 +377,9 @@ fn init_cluster_node(args: &InitArgs, options: &cluster::Options) -> anyhow::Res
         .context("cannot read the OS random source")?;
     state::create(&args.state, &header)?;
     for path in &args.state {
-        println!("created {}", path.display());
+        say!("created {}", path.display());
     }
-    println!(
+    say!(
         "{} cluster {:?} (id {:016x}, space {}) in etcd at {}: 2^{} IDs in {} shards of {}",
         if created { "created" } else { "joined" },
         options.name,
@@ -389,23 +414,23 @@ fn inspect_cluster(options: &cluster::Options) -> anyhow::Result<()> {
     let full = marks.iter().filter(|&&m| m >= meta.shard_size()).count();
     let partly = marks.iter().filter(|&&m| m > 0 && m < meta.shard_size()).count();
     let pct = |n: u64| 100.0 * n as f64 / capacity as f64;
-    println!("cluster        {} (id {:016x}) in etcd at {}", options.name, meta.cluster_id, etcd.endpoints());
-    println!("created        unix time {}", meta.created_unix);
-    println!("geometry       2^{} IDs, {} shards of {}", meta.width, meta.shard_count(), meta.shard_size());
-    println!("used           {used} of {capacity} ({:.4}%)", pct(used));
-    println!("remaining      {} ({:.4}%)", capacity - used, pct(capacity - used));
-    println!("shards         {partly} partly used, {full} full");
-    println!("live nodes     {}", nodes.len());
+    say!("cluster        {} (id {:016x}) in etcd at {}", options.name, meta.cluster_id, etcd.endpoints());
+    say!("created        unix time {}", meta.created_unix);
+    say!("geometry       2^{} IDs, {} shards of {}", meta.width, meta.shard_count(), meta.shard_size());
+    say!("used           {used} of {capacity} ({:.4}%)", pct(used));
+    say!("remaining      {} ({:.4}%)", capacity - used, pct(capacity - used));
+    say!("shards         {partly} partly used, {full} full");
+    say!("live nodes     {}", nodes.len());
     for (node, info) in &nodes {
         let held: Vec<String> = claims.iter().filter(|(_, n)| *n == node).map(|(s, _)| s.to_string()).collect();
         let shards = if held.is_empty() { "none".to_string() } else { held.join(", ") };
-        println!("  node {node}: {info}");
-        println!("    shards claimed: {shards}");
+        say!("  node {node}: {info}");
+        say!("    shards claimed: {shards}");
     }
     let orphans: Vec<String> =
         claims.iter().filter(|(_, n)| !nodes.contains_key(*n)).map(|(s, n)| format!("{s} ({n})")).collect();
     if !orphans.is_empty() {
-        println!("claims of nodes no longer registered (they expire with their lease): {}", orphans.join(", "));
+        say!("claims of nodes no longer registered (they expire with their lease): {}", orphans.join(", "));
     }
     Ok(())
 }

@@ -14,8 +14,8 @@
 //!   `unsafe`).
 //!
 //! The public surface is what the binary needs ([`Cli`], [`run`],
-//! [`exit_code`], [`init_logging`]) and the [`dataplane`], for programs
-//! and tests that run a server in-process.
+//! [`report_error`], [`exit_code`], [`init_logging`]) and the
+//! [`dataplane`], for programs and tests that run a server in-process.
 #![warn(missing_docs)]
 
 #[doc(hidden)]
@@ -31,5 +31,6 @@ mod logging;
 
 pub use commands::run;
 pub use exit::code as exit_code;
+pub use exit::report as report_error;
 pub use flags::Cli;
 pub use logging::init as init_logging;

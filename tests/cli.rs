@@ -221,3 +221,170 @@ fn bad_flags_name_the_flag() {
     assert_eq!(out.status.code(), Some(78));
     assert!(stderr(&out).contains("'U' is never used"));
 }
+
+/// A failure is printed once (no log line besides it), with the OS error's
+/// text once; a missing directory is named, with what to do.
+#[test]
+fn a_fatal_error_is_printed_once_and_says_to_create_a_missing_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no").join("such");
+    let state = missing.join("s");
+    let out = run(&["init", "--state", state.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(74));
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "printed once: {err}");
+    assert!(err.starts_with("tradeid: error: "), "{err}");
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    assert!(err.contains(state.to_str().unwrap()), "names the path given: {err}");
+    let needle =
+        format!("The directory {} does not exist; create it (`mkdir -p {}`)", missing.display(), missing.display());
+    assert!(err.contains(&needle), "{err}");
+    assert!(!err.contains(".tmp-"), "never an internal file: {err}");
+    assert!(!dir.path().join("no").exists());
+
+    // Under systemd: one line, at error priority.
+    let out =
+        tradeid().args(["init", "--state", state.to_str().unwrap()]).env("JOURNAL_STREAM", "8:1234").output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "printed once: {err}");
+    assert!(err.starts_with("<3>tradeid: error: "), "{err}");
+}
+
+/// The effective uid of this process, and its name in /etc/passwd.
+fn user_of(uid: u32) -> String {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() > 2 && f[2] == uid.to_string())
+        .map_or_else(|| format!("uid {uid}"), |f| format!("user {} (uid {uid})", f[0]))
+}
+
+/// A permission error names the file and the user tradeid runs as.
+#[test]
+fn a_permission_error_names_the_file_and_the_user() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &[]);
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let me = std::fs::metadata("/proc/self").unwrap().uid();
+    let mut cmd = tradeid();
+    cmd.args(["gen", "--state", state.to_str().unwrap()]);
+    // Root reads any file: run as nobody instead.
+    let uid = if me == 0 {
+        cmd.uid(65534).gid(65534);
+        65534
+    } else {
+        me
+    };
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(74), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "printed once: {err}");
+    assert_eq!(err.matches("Permission denied").count(), 1, "{err}");
+    assert!(err.contains(state.to_str().unwrap()), "{err}");
+    assert!(err.contains(&format!("tradeid runs as {}", user_of(uid))), "{err}");
+}
+
+/// Standard output closed early (`| head`) ends a command quietly, with
+/// status 0: no message, no abort.
+#[test]
+fn a_closed_stdout_ends_a_command_quietly() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &[]);
+    let path = state.to_str().unwrap();
+    // `tradeid gen -n 100000 | head -1`.
+    let mut child = tradeid()
+        .args(["gen", "--state", path, "-n", "100000"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    assert_eq!(first.trim().len(), 7, "{first:?}");
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "");
+    // Every command that prints, into a pipe nobody reads.
+    for args in [
+        &["gen", "--state", path, "-n", "3"][..],
+        &["inspect", "--state", path][..],
+        &["decode", "--state", path, "B762F00"][..],
+        &["serve", "--check-config", "--state", path][..],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = tradeid().args(args).stdout(writer).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+        assert!(!stderr(&out).contains("error"), "{args:?}: {}", stderr(&out));
+    }
+}
+
+/// Usage errors exit 78, as the README says; help and version exit 0.
+#[test]
+fn usage_errors_exit_78_and_help_exits_0() {
+    let out = run(&["serve", "--bogus"]);
+    assert_eq!(out.status.code(), Some(78));
+    assert_eq!(stderr(&out).matches("unexpected argument '--bogus'").count(), 1, "{}", stderr(&out));
+    assert_eq!(run(&[]).status.code(), Some(78), "no command");
+    assert_eq!(run(&["get", "-n", "lots", "--server", "127.0.0.1:7070"]).status.code(), Some(78));
+    for args in [&["--help"][..], &["serve", "--help"][..], &["--version"][..]] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("tradeid"), "{args:?}");
+    }
+}
+
+/// A listen address in use exits 69 (EX_UNAVAILABLE), one that is not this
+/// host's 78 (EX_CONFIG), each naming the address.
+#[test]
+fn bind_failures_have_their_own_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &[]);
+    let path = state.to_str().unwrap();
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = run(&["serve", "--state", path, "--workers", "1", "--listen", &addr]);
+    assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&addr), "{}", stderr(&out));
+
+    let out = run(&["serve", "--state", path, "--workers", "1", "--listen", "192.0.2.1:7070"]);
+    assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
+    assert!(stderr(&out).contains("192.0.2.1:7070"), "{}", stderr(&out));
+
+    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin_addr = admin.local_addr().unwrap().to_string();
+    let args = ["serve", "--state", path, "--workers", "1", "--listen", "127.0.0.1:0", "--admin", &admin_addr];
+    let out = run(&args);
+    assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&admin_addr) && stderr(&out).contains("--admin"), "{}", stderr(&out));
+}
+
+/// `TRADEID_LOG=debug` shows each block reserved and each admin
+/// connection; the serving line lists CPUs plainly.
+#[test]
+fn debug_logs_show_blocks_and_admin_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &[]);
+    let daemon = Daemon::start_with(
+        &state,
+        &["--workers", "1", "--cpus", "0", "--admin", "127.0.0.1:0"],
+        &[("TRADEID_LOG", "debug")],
+    )
+    .unwrap();
+    assert_eq!(daemon.http_get("/healthz").0, 200);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !daemon.stderr().contains("admin connection closed") {
+        assert!(std::time::Instant::now() < deadline, "{}", daemon.stderr());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let log = daemon.stderr();
+    let block = log.lines().find(|l| l.contains("block reserved")).unwrap_or_else(|| panic!("{log}"));
+    assert!(block.contains("shard=") && block.contains("range=") && block.contains("flush_us="), "{block}");
+    assert!(log.contains("admin connection accepted"), "{log}");
+    let serving = log.lines().find(|l| l.contains("serving")).unwrap_or_else(|| panic!("{log}"));
+    assert!(serving.contains("cpus=0 ") && !serving.contains("Some("), "{serving}");
+}

@@ -89,20 +89,46 @@ fn watchdog_pings_stop_while_a_worker_is_stalled() {
     )
     .unwrap();
     let pings = |window| notify.collect(window).iter().filter(|m| *m == "WATCHDOG=1").count();
-    // Healthy: a ping every 200 ms.
+    // Healthy: a ping every 200 ms, and no warning.
     let healthy = pings(Duration::from_millis(1500));
     assert!(healthy >= 4, "{healthy} pings in 1.5 s");
+    assert!(!daemon.stderr().contains(WITHHELD), "warned while healthy:\n{}", daemon.stderr());
     // Worker 0 stalls: after a grace tick, no more pings.
     std::fs::write(&stall, "").unwrap();
     std::thread::sleep(Duration::from_millis(500));
     notify.collect(Duration::from_millis(10));
     let stalled = pings(Duration::from_millis(1500));
     assert_eq!(stalled, 0, "pinged while a worker was stuck");
+    assert!(daemon.stderr().contains(WITHHELD), "no warning for the stall:\n{}", daemon.stderr());
     // Unstalled: pings resume.
     std::fs::remove_file(&stall).unwrap();
     let resumed = pings(Duration::from_millis(1500));
     assert!(resumed >= 3, "{resumed} pings after recovery");
-    assert!(daemon.stderr().contains("withholding the watchdog ping"));
+}
+
+/// The warning logged when a watchdog ping is withheld.
+const WITHHELD: &str = "withholding the watchdog ping";
+
+/// A healthy start under a watchdog pings from the first period on and
+/// never warns: the first tick of the ping timer comes one period after
+/// the start, once the workers' heartbeats had time to move.
+#[test]
+fn a_healthy_start_never_warns_about_the_watchdog() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &[]);
+    let notify = NotifySocket::new();
+    let mut daemon = Daemon::start_with(
+        &state,
+        &["--workers", "2"],
+        &[("NOTIFY_SOCKET", notify.path.to_str().unwrap()), ("WATCHDOG_USEC", "400000")],
+    )
+    .unwrap();
+    let messages = notify.collect(Duration::from_millis(1200));
+    let pings = messages.iter().filter(|m| *m == "WATCHDOG=1").count();
+    assert!(pings >= 3, "{pings} pings in 1.2 s: {messages:?}");
+    daemon.signal_and_wait("TERM", Duration::from_secs(5)).expect("exits");
+    let log = daemon.stderr_after_exit();
+    assert!(!log.contains(WITHHELD), "a healthy start warned:\n{log}");
 }
 
 #[test]
@@ -282,4 +308,76 @@ fn capacity_warnings_fire_as_the_space_fills() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(daemon.stderr().contains("ID space 50% used"));
+}
+
+/// Idle admin connections, silent or stopped in the middle of their
+/// headers, never lock out health checks or scrapes: with 500 of them open
+/// (twice the listener's limit), `/healthz` and `/metrics` still answer
+/// within a second. The daemon runs with the unit's `LimitNOFILE=1024`
+/// when `prlimit` is there to impose it.
+#[test]
+fn idle_admin_connections_never_lock_out_health_checks() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &[]);
+    let mut cmd = if std::process::Command::new("prlimit").arg("--version").output().is_ok() {
+        let mut cmd = std::process::Command::new("prlimit");
+        cmd.args(["--nofile=1024:1024", "--", env!("CARGO_BIN_EXE_tradeid")]);
+        cmd
+    } else {
+        tradeid()
+    };
+    cmd.args(["serve", "--state", state.to_str().unwrap(), "--listen", "127.0.0.1:0", "--workers", "1"]);
+    cmd.args(["--admin", "127.0.0.1:0"]);
+    let daemon = Daemon::spawn(cmd).unwrap();
+    let admin = daemon.admin.unwrap();
+    let mut idle = Vec::new();
+    for i in 0..500 {
+        let mut stream = TcpStream::connect(admin).unwrap();
+        if i % 2 == 1 {
+            // Headers begun and never finished (a slowloris).
+            stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n").unwrap();
+        }
+        idle.push(stream);
+    }
+    for round in 0..2 {
+        for path in ["/healthz", "/metrics"] {
+            let (status, body) = http_get_within(admin, path, Duration::from_secs(1))
+                .unwrap_or_else(|e| panic!("{path} with 500 idle connections open (round {round}): {e}"));
+            assert_eq!(status, 200, "{path}: {body}");
+            assert!(body.contains(if path == "/healthz" { "ok" } else { "tradeid_ids_served_total" }), "{body}");
+        }
+    }
+    drop(idle);
+}
+
+/// GET `path` with the connection, the request and the whole response
+/// bounded by `limit`: (status, body), or what went wrong.
+fn http_get_within(addr: std::net::SocketAddr, path: &str, limit: Duration) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + limit;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, limit).map_err(|e| format!("connect: {e}"))?;
+    stream.set_write_timeout(Some(limit)).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("send: {e}"))?;
+    let mut response = Vec::new();
+    let mut buf = [0u8; 16384];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("no complete answer within {limit:?}"));
+        }
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => response.extend_from_slice(&buf[..n]),
+            Err(e) => return Err(format!("no complete answer within {limit:?}: {e}")),
+        }
+    }
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let status =
+        response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or(format!("bad answer {response:?}"))?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
 }

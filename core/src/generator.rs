@@ -582,7 +582,16 @@ impl Reserver {
                 }
             };
             let hint = u32::try_from(self.workers[worker].block_size).unwrap_or(u32::MAX);
-            self.flush(shard, end, hint).map_err(Retry::Gen)?;
+            let took = self.flush(shard, end, hint).map_err(Retry::Gen)?;
+            // One line per block (TRADEID_LOG=debug), never per ID.
+            tracing::debug!(
+                worker,
+                shard,
+                range = %format_args!("{start}..{end}"),
+                ids = end - start,
+                flush_us = took.as_micros() as u64,
+                "block reserved"
+            );
             self.workers[worker].blocks += 1;
             let base = u64::from(shard) * shard_size;
             let stats = &self.shared.stats;
@@ -593,7 +602,9 @@ impl Reserver {
         }
     }
 
-    fn flush(&self, shard: u32, mark: u64, hint: u32) -> Result<(), GenError> {
+    /// Raises `shard`'s mark to `mark` and flushes it; returns how long the
+    /// flush took.
+    fn flush(&self, shard: u32, mark: u64, hint: u32) -> Result<Duration, GenError> {
         let stats = &self.shared.stats;
         let started = self.shared.epoch.elapsed().as_nanos().max(1) as u64;
         stats.flush_started_nanos.store(started, Ordering::Release);
@@ -606,7 +617,7 @@ impl Reserver {
         if let Some(h) = stats.flush_micros.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
             h.saturating_record(took.as_micros() as u64);
         }
-        Ok(())
+        Ok(took)
     }
 }
 

@@ -1,12 +1,17 @@
 //! The admin HTTP listener (hyper, HTTP/1.1): metrics, health, and IDs for
 //! callers that cannot speak UDP. Off unless `--admin` is given; meant for
 //! loopback. It draws IDs from its own generator handle, never from a
-//! worker's.
+//! worker's. Connections are bounded in number and in time (headers, idle,
+//! total), and the idlest is closed to make room, so clients that open
+//! connections and send nothing never lock out a health check.
 
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -15,8 +20,8 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use tradeid::id::ID_LEN;
 use tradeid::protocol::ErrorCode;
@@ -36,31 +41,209 @@ pub(crate) const ROUTES: [(&str, &str); 6] = [
 
 /// Binds the listener and serves it in the background; returns the bound
 /// address.
-pub(crate) async fn spawn(addr: SocketAddr, observer: Arc<Observer>) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr).await?;
+pub(crate) async fn spawn(addr: SocketAddr, observer: Arc<Observer>) -> io::Result<SocketAddr> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    // A restart can bind while connections of the last run linger.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    // Connections wait in this backlog while every permit is taken.
+    let listener = socket.listen(BACKLOG)?;
     let bound = listener.local_addr()?;
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
-            // Bounded concurrency: beyond the limit, new connections wait.
-            let Ok(permit) = Arc::clone(&slots).acquire_owned().await else { return };
-            let observer = Arc::clone(&observer);
-            tokio::spawn(async move {
-                let service = service_fn(move |req| {
-                    let observer = Arc::clone(&observer);
-                    async move { Ok::<_, Infallible>(route(&req, &observer).await) }
-                });
-                let _ = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(5))
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-                drop(permit);
-            });
-        }
-    });
+    tokio::spawn(accept_loop(listener, observer));
     Ok(bound)
+}
+
+/// Accepts connections for as long as the process runs, at most
+/// [`MAX_CONNECTIONS`] at a time.
+///
+/// The permit is taken *before* accepting, so connections beyond the limit
+/// wait in the kernel's backlog instead of each costing a task and a file
+/// descriptor. At the limit, the connection idle the longest is closed to
+/// make room: however many idle connections a client holds open, a health
+/// check or a scrape gets in.
+async fn accept_loop(listener: TcpListener, observer: Arc<Observer>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let open = Arc::new(OpenConnections::default());
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    let mut last_warned: Option<Instant> = None;
+    loop {
+        let permit = match Arc::clone(&slots).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                open.close_idlest();
+                // The semaphore is never closed; should it be, stop serving.
+                let Ok(permit) = Arc::clone(&slots).acquire_owned().await else { return };
+                permit
+            }
+        };
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // One connection that went away before we took it: skip it.
+                if matches!(e.kind(), io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset) {
+                    continue;
+                }
+                // Anything else (out of file descriptors or memory) would
+                // fail again at once: wait, and close an idle connection if
+                // descriptors ran out, rather than spin.
+                if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                    open.close_idlest();
+                }
+                if last_warned.is_none_or(|at| at.elapsed() >= ACCEPT_WARN_EVERY) {
+                    tracing::warn!(
+                        "the admin listener cannot accept connections: {e}; retrying with a backoff (if it says too many open files, raise LimitNOFILE)"
+                    );
+                    last_warned = Some(Instant::now());
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
+        };
+        backoff = ACCEPT_BACKOFF_MIN;
+        tokio::spawn(serve_connection(stream, peer, Arc::clone(&observer), Arc::clone(&open), permit));
+    }
+}
+
+/// Serves one connection until the client closes it or it has been idle,
+/// or open, too long, or it is closed to make room for a new one.
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    observer: Arc<Observer>,
+    open: Arc<OpenConnections>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let (id, close) = open.register();
+    let _registered = Registered { open: &open, id };
+    tracing::debug!(%peer, "admin connection accepted");
+    let service = {
+        let open = Arc::clone(&open);
+        service_fn(move |req| {
+            let observer = Arc::clone(&observer);
+            let open = Arc::clone(&open);
+            async move {
+                open.set_busy(id, true);
+                let response = route(&req, &observer).await;
+                open.set_busy(id, false);
+                Ok::<_, Infallible>(response)
+            }
+        })
+    };
+    // hyper restarts the header timeout for every request, so it bounds a
+    // kept-alive connection's wait for its next request too; the idle check
+    // below does not rely on that.
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service);
+    let mut connection = std::pin::pin!(connection);
+    let lifetime = tokio::time::sleep(MAX_CONNECTION_TIME);
+    let mut lifetime = std::pin::pin!(lifetime);
+    let mut idle_check = tokio::time::interval(IDLE_CHECK_EVERY);
+    let reason: Cow<'static, str> = loop {
+        tokio::select! {
+            result = connection.as_mut() => break match result {
+                Ok(()) => "finished".into(),
+                Err(e) => format!("error: {e}").into(),
+            },
+            () = close.notified() => break "closed to make room: the listener is at its connection limit".into(),
+            () = &mut lifetime => {
+                // Open too long: finish the request in progress, then close.
+                connection.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(SHUTDOWN_GRACE, connection.as_mut()).await;
+                break "open too long".into();
+            }
+            _ = idle_check.tick() => {
+                if open.idle_for(id).is_some_and(|idle| idle >= IDLE_TIMEOUT) {
+                    break "idle too long".into();
+                }
+            }
+        }
+    };
+    tracing::debug!(%peer, %reason, "admin connection closed");
+}
+
+/// The open connections: when each was last active and whether it is
+/// handling a request, so that the idlest can be closed to make room.
+#[derive(Default)]
+struct OpenConnections {
+    inner: Mutex<Registry>,
+}
+
+#[derive(Default)]
+struct Registry {
+    next_id: u64,
+    connections: HashMap<u64, Connection>,
+}
+
+struct Connection {
+    /// When it was accepted, or last began or finished a request.
+    active_at: Instant,
+    /// Inside a request (never closed to make room).
+    busy: bool,
+    /// Tells the connection's task to close it.
+    close: Arc<Notify>,
+}
+
+impl OpenConnections {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
+        // The registry holds no invariant a panic could break.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a new connection: its id, and what tells it to close.
+    fn register(&self) -> (u64, Arc<Notify>) {
+        let mut registry = self.lock();
+        let id = registry.next_id;
+        registry.next_id += 1;
+        let close = Arc::new(Notify::new());
+        registry
+            .connections
+            .insert(id, Connection { active_at: Instant::now(), busy: false, close: Arc::clone(&close) });
+        (id, close)
+    }
+
+    /// Marks the start (`true`) or the end of a request.
+    fn set_busy(&self, id: u64, busy: bool) {
+        if let Some(connection) = self.lock().connections.get_mut(&id) {
+            connection.busy = busy;
+            connection.active_at = Instant::now();
+        }
+    }
+
+    /// How long the connection has been idle; `None` while it handles a
+    /// request.
+    fn idle_for(&self, id: u64) -> Option<Duration> {
+        self.lock().connections.get(&id).filter(|c| !c.busy).map(|c| c.active_at.elapsed())
+    }
+
+    /// Tells the connection idle the longest to close; `false` if every
+    /// connection is handling a request.
+    fn close_idlest(&self) -> bool {
+        let mut registry = self.lock();
+        let idlest =
+            registry.connections.iter().filter(|(_, c)| !c.busy).min_by_key(|(_, c)| c.active_at).map(|(&id, _)| id);
+        match idlest.and_then(|id| registry.connections.remove(&id)) {
+            Some(connection) => {
+                connection.close.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Removes a connection from [`OpenConnections`] when its task ends.
+struct Registered<'a> {
+    open: &'a OpenConnections,
+    id: u64,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.open.lock().connections.remove(&self.id);
+    }
 }
 
 async fn route(req: &Request<Incoming>, observer: &Observer) -> Response<Full<Bytes>> {
@@ -187,8 +370,31 @@ pub(crate) fn openapi(max_batch: u16) -> String {
     )
 }
 
-/// Concurrent admin connections.
-const MAX_CONNECTIONS: usize = 64;
+/// Concurrent admin connections. With the unit's `LimitNOFILE=1024` this
+/// leaves room for up to 256 worker sockets, the state files, gRPC and
+/// etcd; beyond it, the idlest connection is closed to make room.
+const MAX_CONNECTIONS: usize = 256;
+/// Connections the kernel queues for us beyond [`MAX_CONNECTIONS`] (capped
+/// by `net.core.somaxconn`); tokio's default is 128.
+const BACKLOG: u32 = 1024;
+/// How long a client may take to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection may sit idle (between requests, or before its
+/// first) before it is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a connection checks its idle time.
+const IDLE_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How long one connection may stay open, however busy.
+const MAX_CONNECTION_TIME: Duration = Duration::from_secs(60);
+/// How long a connection that was open too long may take to finish its
+/// request in progress.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// The first wait after a failed accept, doubled on each further failure.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+/// The longest wait between two accepts that fail.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(500);
+/// How often failing accepts are logged.
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(60);
 
 #[cfg(test)]
 mod tests {

@@ -66,14 +66,14 @@ async fn control(server: Server, config: Config) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot bind the admin listener {addr} (--admin): is the port in use?"))?;
         tracing::info!(%bound, "admin HTTP listening");
-        println!("admin listening on {bound}");
+        announce(&format!("admin listening on {bound}"));
     }
     let grpc = match config.grpc {
         None => None,
         Some(addr) => {
             let server = grpc::GrpcServer::start(addr, Arc::clone(&observer), config.policy.clone())?;
             tracing::info!(bound = %server.addr, "gRPC listening");
-            println!("grpc listening on {}", server.addr);
+            announce(&format!("grpc listening on {}", server.addr));
             Some(server)
         }
     };
@@ -81,16 +81,23 @@ async fn control(server: Server, config: Config) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
 
     // Every worker is bound and holds a flushed block: we are ready.
-    println!("listening on {local_addr}");
-    let _ = std::io::stdout().flush();
+    announce(&format!("listening on {local_addr}"));
     let notifier = Notifier::from_env();
     let watchdog = config.watchdog;
     notifier.send(&format!("READY=1\nSTATUS={}", observer.status_line()));
 
     // Housekeeping once a second; watchdog pings at exactly half the
     // interval systemd asked for (a far-future timer when there is none).
+    // The first ping is one period away, not immediate: it compares the
+    // heartbeats with those sampled just below, and the workers need that
+    // period to move them. After a late tick (a busy runtime) the next one
+    // is a whole period later, never a burst of back-to-back ticks, which
+    // would find the heartbeats unmoved and withhold pings from a healthy
+    // server.
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
-    let mut ping = tokio::time::interval(watchdog.map_or(Duration::from_secs(86_400), |w| w / 2));
+    let ping_every = watchdog.map_or(Duration::from_secs(86_400), |w| w / 2);
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut beats = observer.heartbeats();
     let mut capacity = CapacityAlarm::default();
     let mut send_errors = SendErrorLog::default();
@@ -179,12 +186,20 @@ async fn control(server: Server, config: Config) -> anyhow::Result<()> {
             _ = term.recv() => {},
             _ = int.recv() => {},
         }
-        eprintln!("tradeid: second signal, exiting at once");
+        let _ = writeln!(std::io::stderr(), "tradeid: second signal, exiting at once");
         std::process::exit(1);
     });
     tokio::task::spawn_blocking(move || workers.stop()).await.context("shutdown task")??;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Prints a line for scripts and tests on stdout ("listening on ADDR").
+/// A closed stdout must not stop a server (`println!` would panic, and a
+/// panic aborts), so a failed write is ignored: the log says it too.
+fn announce(line: &str) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
 }
 
 /// Logs refused replies at most once a minute, with the latest OS error:

@@ -220,9 +220,13 @@ impl Server {
             let handle = generator.handle().map_err(|e| anyhow::anyhow!("cannot reserve the first block: {e}"))?;
             let worker_counters = Arc::new(CachePadded::new(Counters::default()));
             counters.push(Arc::clone(&worker_counters));
+            // Each worker's table is hashed with a key of its own, drawn at
+            // start, so which prefixes collide cannot be worked out offline.
             let limiter = config
                 .rate_limit
-                .map(|rate| RateLimiter::new(rate, rate.max(1), RATE_TABLE_SIZE, 0x9e37_79b9_7f4a_7c15 ^ index as u64));
+                .map(|rate| RateLimiter::random(rate, rate.max(1), RATE_TABLE_SIZE))
+                .transpose()
+                .context("cannot read the OS random source for the rate limiter's key (--rate-limit)")?;
             let worker = worker::Worker {
                 index,
                 cpu,
@@ -241,7 +245,7 @@ impl Server {
         tracing::info!(
             %local_addr,
             workers,
-            cpus = ?config.worker_cpus,
+            cpus = %cpu_list(&config.worker_cpus),
             max_batch = config.max_batch,
             allow = ?config.policy.allow.iter().map(ToString::to_string).collect::<Vec<_>>(),
             trust = ?config.policy.trust.iter().map(ToString::to_string).collect::<Vec<_>>(),
@@ -347,6 +351,16 @@ fn log_state(store: &Store, config: &Config) {
     );
 }
 
+/// The CPU each worker is pinned to, in worker order, for the log:
+/// `0,1,0,1`, with `-` for a worker left unpinned, or `unpinned` when none
+/// is pinned.
+fn cpu_list(cpus: &[Option<usize>]) -> String {
+    if cpus.iter().all(Option::is_none) {
+        return "unpinned".into();
+    }
+    cpus.iter().map(|c| c.map_or_else(|| "-".to_string(), |c| c.to_string())).collect::<Vec<_>>().join(",")
+}
+
 /// Pins the calling thread to `cpu`.
 pub(crate) fn pin_current_thread(cpu: usize) -> bool {
     core_affinity::set_for_current(core_affinity::CoreId { id: cpu })
@@ -359,3 +373,15 @@ pub(crate) fn allowed_cpus() -> Vec<usize> {
 
 /// Buckets per worker in the rate limiter's table (bounded memory).
 const RATE_TABLE_SIZE: usize = 16_384;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_read_cleanly() {
+        assert_eq!(cpu_list(&[Some(0), Some(1), Some(0)]), "0,1,0");
+        assert_eq!(cpu_list(&[None, None]), "unpinned");
+        assert_eq!(cpu_list(&[Some(3), None]), "3,-");
+    }
+}
