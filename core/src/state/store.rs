@@ -293,11 +293,7 @@ impl Store {
         for (m, found) in shrunk {
             let mirror = &self.mirrors[m];
             let ours = mirror.file.metadata().map_err(io_err("cannot stat state file", &mirror.path))?;
-            tracing::error!(
-                path = %mirror.path.display(),
-                found,
-                "the state file shrank while in use (truncated, or something is copying over it); restoring this process's marks into it"
-            );
+            tracing::debug!(path = %mirror.path.display(), found, "state file found short before a flush");
             self.repair_in_place(m, mirror, &ours, &mut disks)?;
         }
         Ok(())
@@ -410,7 +406,13 @@ impl Store {
         let len = self.header.geometry.file_len();
         if ours.len() < len {
             // Written over by a shorter file: extend it again before the
-            // map is read (reading past the end would be a SIGBUS).
+            // map is read (reading past the end would be a SIGBUS). Said
+            // here, whichever check (a flush or the periodic one) saw it.
+            tracing::error!(
+                path = %mirror.path.display(),
+                found = ours.len(),
+                "the state file shrank while in use (truncated, or something is copying over it); restoring this process's marks into it"
+            );
             mirror.file.set_len(len).map_err(io_err("cannot restore the size of state file", &mirror.path))?;
         }
         let mut current = vec![0u8; len as usize];
