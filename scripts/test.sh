@@ -13,12 +13,13 @@ export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 # etcd for the cluster tests, openssl for their TLS certificates, strace for
 # the msync fault test, systemd for the unit checks, protoc for the etcd
 # and gRPC code, Python's grpcio and pytest for the gRPC tests, and
-# Prometheus (and promtool) for the alert rules and the dashboard.
+# Prometheus (and promtool) for the alert rules and the dashboard, and venv
+# and mypy for the Python client's suite.
 NEEDS=(
     "etcd:etcd-server" "etcdctl:etcd-client" "openssl:openssl" "strace:strace"
     "systemd-analyze:systemd" "protoc:protobuf-compiler" "grpc_python_plugin:protobuf-compiler-grpc"
     "/usr/lib/python3/dist-packages/grpc:python3-grpcio" "/usr/lib/python3/dist-packages/pytest:python3-pytest"
-    "prometheus:prometheus" "promtool:prometheus"
+    "prometheus:prometheus" "promtool:prometheus" "mypy:mypy" "/usr/lib/python3.11/ensurepip:python3-venv"
 )
 
 step() { printf '\n==> %s\n' "$*"; }
@@ -52,6 +53,9 @@ bash scripts/check-structure.sh
 # built with the test hooks compiled in.
 step "gRPC: a stock Python grpcio client against the real server"
 /usr/bin/python3 -m pytest -q -p no:cacheprovider tests/grpc
+
+step "Python client: mypy --strict, then pytest against the real server"
+PYTHON=/usr/bin/python3 TRADEID_BIN=target/debug/tradeid bash clients/python/run_tests.sh -q
 
 step "alert rules and dashboard: promtool check and test, static checks"
 bash contrib/check.sh

@@ -10,6 +10,8 @@
 # $TRADEID_BIN, else target/debug/tradeid (built with cargo if missing).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# A relative $TRADEID_BIN means relative to where the caller stands.
+if [ -n "${TRADEID_BIN:-}" ]; then TRADEID_BIN="$(realpath "$TRADEID_BIN")"; export TRADEID_BIN; fi
 cd "$here"
 PYTHON="${PYTHON:-python3}"
 venv="${TRADEID_PY_VENV:-$here/.venv}"
@@ -30,8 +32,10 @@ missing=()
 if [ ${#missing[@]} -gt 0 ]; then
     "$py" -m pip install --quiet "${missing[@]}"
 fi
-# The package itself, as a user would install it (no editable install).
+# The package itself, as a user would install it (no editable install);
+# then remove what setuptools leaves in the source tree.
 "$py" -m pip install --quiet --force-reinstall --no-deps "$here"
+rm -rf "$here/build" "$here"/src/*.egg-info
 
 echo "==> mypy --strict"
 "$py" -m mypy --strict src/tradeid

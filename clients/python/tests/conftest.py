@@ -10,11 +10,13 @@ from __future__ import annotations
 import faulthandler
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from types import FrameType
+from typing import Any, Callable, Dict, Iterator, List, Optional, cast
 
 import pytest
 from support import REPO_ROOT, Server, init_state
@@ -126,11 +128,44 @@ def silent_server() -> Iterator[socket.socket]:
 # Time limits and hygiene.
 
 
+class TimeLimitExceeded(Exception):
+    pass
+
+
+def _expire(signum: int, frame: Optional[FrameType]) -> None:
+    raise TimeLimitExceeded(f"the test ran longer than {TEST_TIME_LIMIT:g} s")
+
+
+# Typed by hand: older pytest releases (Debian's) ship hookimpl untyped.
+_hook_wrapper = cast(
+    Callable[[Callable[[pytest.Item], Iterator[None]]], Callable[[pytest.Item], Iterator[None]]],
+    pytest.hookimpl(hookwrapper=True),
+)
+
+
+@_hook_wrapper
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Fails a test whose body runs longer than TEST_TIME_LIMIT: SIGALRM
+    raises in the main thread, interrupting a blocking call, so the test
+    fails with its traceback and its fixtures still clean up."""
+    previous = signal.signal(signal.SIGALRM, _expire)
+    signal.setitimer(signal.ITIMER_REAL, TEST_TIME_LIMIT)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 @pytest.fixture(autouse=True)
-def _time_limit() -> Iterator[None]:
-    faulthandler.dump_traceback_later(TEST_TIME_LIMIT, exit=True, file=sys.stderr)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+def _last_resort_time_limit() -> Iterator[None]:
+    """For a hang that never returns to Python (or one in a fixture):
+    faulthandler dumps every thread's stack and ends the process."""
+    faulthandler.dump_traceback_later(TEST_TIME_LIMIT + 60, exit=True, file=sys.stderr)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(autouse=True)

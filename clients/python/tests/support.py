@@ -7,11 +7,12 @@ import queue
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import IO, Dict, Iterable, List, Optional
 
 import tradeid
 
@@ -20,6 +21,17 @@ VECTORS = REPO_ROOT / "tests" / "vectors" / "ids.json"
 
 #: How long a server may take to print its "listening on" line.
 START_TIMEOUT = 30.0
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, be killed when the test process
+    dies, even by SIGKILL or the hard time limit, so no server outlives a
+    test run."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _child_env(extra: Optional[Dict[str, str]]) -> Dict[str, str]:
@@ -72,14 +84,15 @@ class Server:
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             env=_child_env(env),
+            preexec_fn=_die_with_parent,
         )
         self.admin: Optional[str] = None
         self.addr = self._wait_listening()
 
     def _wait_listening(self) -> str:
         lines: "queue.Queue[Optional[str]]" = queue.Queue()
-        stdout = self.process.stdout
-        assert stdout is not None
+        assert self.process.stdout is not None
+        stdout: IO[bytes] = self.process.stdout
 
         def read() -> None:  # keeps draining stdout for the server's lifetime
             for raw in stdout:

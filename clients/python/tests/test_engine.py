@@ -78,7 +78,7 @@ class Client:
         self.net = net
         self.settings = _engine.Settings(names, timeout, attempts, 8, clock=net.clock)
         self.shared = _engine.Shared(max_batch, len(names))
-        self.session = _engine.Session()
+        self.session = _engine.Session(self.shared)
 
     def take(self, count: int) -> List[str]:
         return self.net.run(_engine.take(self.settings, self.shared, self.session, count))
@@ -115,6 +115,8 @@ def test_request_padding() -> None:
 def test_reply_decoding() -> None:
     assert _protocol.decode_reply(b"B762F00") == ("B762F00",)
     assert _protocol.decode_reply(b"B762F00ZZZZZZZ") == ("B762F00", "ZZZZZZZ")
+    for count in [175, 1024, 1025, 9358]:  # both ways of splitting
+        assert _protocol.decode_reply(b"B762F00" * count) == ("B762F00",) * count
     assert _protocol.decode_reply(b"!ERR503") is _protocol.ErrorCode.UNAVAILABLE
     assert _protocol.decode_reply(b"!ERR507") is _protocol.ErrorCode.EXHAUSTED
     for junk in [b"", b"B762F0", b"b762f00", b"B762FO0", b"B762FU0", b"!ERR999", b"!ERR503B762F00", b"\xff" * 7]:
@@ -166,12 +168,15 @@ def test_unavailable_backs_off_exponentially_without_failing_over() -> None:
 
 def test_endless_unavailable_fails_over_then_raises_unavailable() -> None:
     net = FakeNet(constant(b"!ERR503"), constant(b"!ERR503"))
-    client = Client(net, attempts=2, timeout=0.1)
+    client = Client(net, attempts=2, timeout=0.25)
     with pytest.raises(tradeid.Unavailable) as info:
         client.take(1)
     assert info.value.servers == ["10.0.0.1:7070", "10.0.0.2:7070"]
     assert net.requests[0] and net.requests[1]
-    assert net.now >= 2 * 0.2  # each server got its budget of attempts x timeout
+    # Each server got its budget: 4 x attempts x timeout, at least 1 s.
+    assert _engine.unavailable_budget(2, 0.25) == 2.0
+    assert _engine.unavailable_budget(2, 0.05) == 1.0
+    assert 2 * 2.0 <= net.now < 2 * 2.0 + 0.2
 
 
 def test_exhausted_server_is_skipped_and_all_exhausted_is_final() -> None:
@@ -268,13 +273,40 @@ def test_a_failed_call_keeps_its_ids_for_the_next_call() -> None:
     assert_ids(kept, 100)
 
 
-def test_recent_ids_remember_at_least_the_window() -> None:
-    recent = _engine.RecentIds(capacity=4)
-    ids = [f"{i:07d}" for i in range(10)]
-    for i in ids:
-        assert recent.admit((i,)) == (i,)
-    for i in ids[-4:]:
-        assert recent.admit((i,)) == [], f"{i} is within the window"
-    assert recent.admit((ids[0],)) == (ids[0],), "the oldest fell out"
-    assert recent.admit(("AAAAAAA", "AAAAAAA", "BBBBBBB")) == ["AAAAAAA", "BBBBBBB"]
-    assert recent.admit(("BBBBBBB", "CCCCCCC")) == ["CCCCCCC"]
+def test_recent_replies_cover_at_least_the_window() -> None:
+    recent = _engine.RecentReplies(_engine.Shared(175, 1), capacity=4)
+    datagrams = [f"{i:07d}".encode() for i in range(10)]
+    for d in datagrams:
+        assert d not in recent
+        recent.add(d, 1)
+    for d in datagrams[-4:]:
+        assert d in recent, f"{d!r} is within the window"
+    assert datagrams[0] not in recent, "the oldest fell out"
+    # The window counts IDs, not datagrams.
+    recent = _engine.RecentReplies(_engine.Shared(175, 1), capacity=350)
+    bulk = [bytes([65 + i]) * 7 * 175 for i in range(5)]
+    for d in bulk:
+        recent.add(d, 175)
+    assert bulk[3] in recent and bulk[4] in recent  # the last 350 IDs
+    assert bulk[0] not in recent
+
+
+def test_the_window_is_the_clients() -> None:
+    """Channels of one client each remember their own datagrams, but age
+    them by what the whole client received: every datagram among the
+    client's last `capacity` IDs stays remembered, and a busy client does not
+    keep a full window per thread."""
+    shared = _engine.Shared(175, 1)
+    a = _engine.RecentReplies(shared, capacity=10)
+    b = _engine.RecentReplies(shared, capacity=10)
+    a.add(b"A000000", 1)
+    for i in range(9):  # the client's last 10 IDs include A's
+        b.add(f"B{i:06d}".encode(), 1)
+    assert b"A000000" in a
+    for i in range(9, 40):  # far more than a window, all through B
+        b.add(f"B{i:06d}".encode(), 1)
+    a.add(b"A000001", 1)  # A ages its generations on its next use
+    a.add(b"A000002", 1)
+    assert b"A000001" in a and b"A000002" in a
+    assert b"A000000" not in a, "A forgot what fell out of the client's window"
+    assert sum(1 for i in range(40) if f"B{i:06d}".encode() in b) <= 20

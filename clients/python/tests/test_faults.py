@@ -38,16 +38,18 @@ def test_unavailable_is_retried_with_backoff(start_server: StartServer) -> None:
 
 
 def test_unavailable_for_too_long_is_an_error(start_server: StartServer) -> None:
-    server = start_server(flush_delay_ms=1500, block_max=1024, admin=True)
+    # One worker flushes its first block and the next at startup; the flush
+    # after that takes 2.5 s, longer than the client's 503 budget (1 s here).
+    server = start_server(workers=1, flush_delay_ms=2500, block_max=1024)
     with tradeid.Client(server.addr, timeout=0.05, attempts=2) as client:
         ids: List[str] = []
         started = time.monotonic()
         with pytest.raises(tradeid.Unavailable) as info:
             for _ in range(100):  # more than two blocks' worth
                 ids += client.next_ids(175)
-        assert time.monotonic() - started < 10
+        assert 1.0 <= time.monotonic() - started < 10
         assert server.addr in str(info.value)
-        assert_ids(ids)
+        assert len(assert_ids(ids)) > 0
 
 
 def test_a_server_that_aborts_is_a_timeout_not_a_hang(start_server: StartServer) -> None:

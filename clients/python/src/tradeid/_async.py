@@ -1,10 +1,14 @@
 """The asyncio client: a pool of channels, each a set of datagram endpoints.
 
-Replies carry no request tag, so two requests in flight on one socket
-cannot tell their replies apart. Each call therefore borrows a channel of
-its own (its own sockets, one per server) for its duration, exactly like a
-thread of the blocking client; concurrent calls use different channels, up
-to ``max_concurrency``, and later calls wait for one to be returned.
+Replies carry no request tag, so on a shared socket one call could not
+tell its replies (or its error replies, or its late ones) from another's.
+Instead each call borrows a channel of its own (its own sockets, one per
+server, and its own engine state) for its duration, exactly like a thread
+of the blocking client, and the per-channel duplicate filter is sound for
+the same reason (see ``_sync._Channel``). Concurrent calls use different
+channels, up to ``max_concurrency``; later calls wait for one to be
+returned. Channels are reused, so a busy service keeps a small, steady set
+of sockets.
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ class _Channel:
     """One borrower's endpoints (opened on first use) and engine state."""
 
     def __init__(self, client: "AsyncClient") -> None:
-        self.session = _engine.Session()
+        self.session = _engine.Session(client._shared)
         self._client = client
         self._endpoints: List[Optional[_Endpoint]] = [None] * len(client._endpoints)
         self.broken = False

@@ -15,10 +15,12 @@ server is healthy:
 * ``!ERR413`` lowers the batch size (to half of what was asked) and asks
   again from the *same* server; it is not counted as a lost attempt.
 * ``!ERR503`` is retried with exponential backoff (1 ms doubling, capped at
-  50 ms) without using up attempts; only a streak of 503s longer than
-  ``attempts x timeout`` (the time a silent server would cost) moves on to
-  the next server, and if no server gets past it the error is
-  :class:`~tradeid.Unavailable`, not a timeout.
+  50 ms) without using up attempts. Only a run of 503s with no ID in between
+  for longer than :func:`unavailable_budget` (4 x attempts x timeout, at
+  least 1 s: 3 s by default) moves on to the next server, and if no server
+  gets past it the error is :class:`~tradeid.Unavailable`, not a timeout.
+  A 503 means the server is alive and waiting for its disk; several callers
+  racing for each new block can see 503s for a while.
 * Bulk requests are pipelined: up to ``window`` requests are in flight at
   once (the Rust loadgen does the same), each for at most the current
   batch size. IDs are counted as they arrive, so a short or lost reply is
@@ -27,8 +29,9 @@ server is healthy:
 As in Rust, replies carry no request tag: any reply with fresh IDs is used,
 even one that arrives after its request timed out (the server never repeats
 an ID); IDs that arrive beyond what a call needs are kept for the next call
-on the same channel; and IDs seen in the last 65,536 are dropped as network
-duplicates.
+on the same channel; and copies of recent replies (covering at least the
+last 65,536 IDs) are dropped as network duplicates (see
+:class:`RecentReplies` for why whole datagrams are compared).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from ._protocol import ErrorCode, decode_reply, encode_request
 
 T = TypeVar("T")
 
-#: How many recent IDs the duplicate filter remembers (as in Rust).
+#: How many recent IDs the duplicate filter covers (as in Rust).
 RECENT_WINDOW = 1 << 16
 #: Pause after a send failed with ECONNREFUSED (capped by the timeout).
 REFUSED_PAUSE = 0.020
@@ -50,7 +53,7 @@ REFUSED_PAUSE = 0.020
 BACKOFF_START = 0.001
 BACKOFF_MAX = 0.050
 #: Requests in flight at once for a bulk call.
-DEFAULT_WINDOW = 8
+DEFAULT_WINDOW = 32
 
 
 class Send:
@@ -105,6 +108,14 @@ Action = Union[Send, Recv, Sleep]
 Steps = Generator[Action, Optional[bytes], T]
 
 
+def unavailable_budget(attempts: int, timeout: float) -> float:
+    """How long a server may keep answering ``!ERR503`` (with no ID in
+    between) before the client moves on: four times what a silent server
+    costs, and at least a second (a flush on a slow disk can take that
+    long)."""
+    return max(1.0, 4 * attempts * timeout)
+
+
 class Settings:
     """A client's fixed configuration."""
 
@@ -123,63 +134,83 @@ class Settings:
         self.timeout = timeout
         self.attempts = attempts
         self.window = window
-        # A server that keeps answering !ERR503 is given as long as one that
-        # does not answer at all.
-        self.unavailable_budget = attempts * timeout
+        self.unavailable_budget = unavailable_budget(attempts, timeout)
 
 
 class Shared:
     """A client's mutable state shared by all its channels (threads, tasks).
 
-    Both fields only ever move one way (the batch size down, a server to
-    exhausted), and each update is a single attribute or list-item store, so
-    concurrent updates need no lock: the worst a race does is lower the batch
-    size once more, or mark a server exhausted a moment later in another
-    thread, which then gets its own ``!ERR507``.
+    No lock guards it. ``max_batch`` only goes down and ``exhausted`` flags
+    only go up, each by a single store: the worst a race does is lower the
+    batch size once more, or mark a server exhausted a moment later in
+    another thread (which then gets its own ``!ERR507``). ``received`` is a
+    running count that racing ``+=`` can only undercount, which only makes
+    the duplicate filters remember longer (see :class:`RecentReplies`).
     """
 
-    __slots__ = ("max_batch", "exhausted")
+    __slots__ = ("max_batch", "exhausted", "received")
 
     def __init__(self, max_batch: int, servers: int) -> None:
         self.max_batch = max_batch
         self.exhausted = [False] * servers
+        self.received = 0  # IDs received by all channels (a lower bound)
 
 
-class RecentIds:
-    """The IDs received lately, to drop network duplicates.
+class RecentReplies:
+    """One channel's memory of the reply datagrams it used, to drop network
+    duplicates.
 
-    Remembers at least the last ``capacity`` IDs (as the Rust client does),
-    in two generations: new IDs go into ``current``; when it holds
-    ``capacity`` it becomes ``previous`` and the older one is dropped whole.
-    So between ``capacity`` and ``2 x capacity`` IDs are remembered, and a
-    datagram costs three C-level set operations, with nothing removed ID by
-    ID.
+    *Datagrams, not IDs.* The server never hands out an ID twice, so the
+    only way an ID can reach a socket twice is inside a copy of the datagram
+    that carried it (a network duplicate, or a replay): byte for byte the
+    same datagram. Remembering the datagrams is therefore exactly as good as
+    remembering their IDs, and much cheaper: one hash and one lookup per
+    datagram, instead of hashing every ID and looking it up in tables too
+    big for the CPU caches (in CPython that was over half the cost of a
+    bulk call).
+
+    *The window is the client's, not the channel's.* As in the Rust client,
+    what is covered is the last ``capacity`` IDs received by the *client*
+    (counted in ``Shared.received`` by all its channels): every datagram
+    this channel used while the client received them is remembered. So the
+    memory of all channels together stays around that of one filter, however
+    many threads share the client, while each channel only ever looks at its
+    own sockets' datagrams (which is all a copy can be; see ``_sync``).
+
+    Datagrams go into ``current``; once the client has received
+    ``capacity`` IDs since ``current`` was started, it becomes ``previous``
+    (which still covers everything since then) and the older generation is
+    dropped whole.
     """
 
-    __slots__ = ("_current", "_previous", "_capacity")
+    __slots__ = ("_shared", "_current", "_previous", "_started", "_last", "_capacity")
 
-    def __init__(self, capacity: int = RECENT_WINDOW) -> None:
-        self._current: Set[str] = set()
-        self._previous: Set[str] = set()
+    def __init__(self, shared: Shared, capacity: int = RECENT_WINDOW) -> None:
+        self._shared = shared
+        self._current: Set[bytes] = set()
+        self._previous: Set[bytes] = set()
+        # Client-wide counts: when `current` began, and at its latest datagram.
+        self._started = self._last = shared.received
         self._capacity = capacity
 
-    def __contains__(self, id_: str) -> bool:
-        return id_ in self._current or id_ in self._previous
+    def __contains__(self, datagram: bytes) -> bool:
+        return datagram in self._current or datagram in self._previous
 
-    def admit(self, ids: Sequence[str]) -> Sequence[str]:
-        """The IDs of ``ids`` not seen lately (which are now remembered)."""
-        current, previous = self._current, self._previous
-        if current.isdisjoint(ids) and previous.isdisjoint(ids):
-            before = len(current)
-            current.update(ids)
-            if len(current) - before != len(ids):
-                ids = list(dict.fromkeys(ids))  # a repeat inside one datagram
-        else:
-            ids = [i for i in dict.fromkeys(ids) if i not in current and i not in previous]
-            current.update(ids)
-        if len(current) >= self._capacity:
-            self._previous, self._current = current, set()
-        return ids
+    def add(self, datagram: bytes, ids: int) -> None:
+        """Remembers a datagram of ``ids`` IDs that was used."""
+        shared = self._shared
+        shared.received += ids
+        now = shared.received
+        if now - self._started >= self._capacity:
+            # `current` covers [started, now), which holds the last
+            # `capacity` IDs; everything in `previous` is older. And if even
+            # the newest datagram in `current` is that old (this channel sat
+            # idle while others worked), `current` can go too.
+            self._previous = self._current if now - self._last < self._capacity else set()
+            self._current = set()
+            self._started = now
+        self._current.add(datagram)
+        self._last = now
 
 
 class Session:
@@ -188,8 +219,8 @@ class Session:
 
     __slots__ = ("recent", "spare", "current")
 
-    def __init__(self) -> None:
-        self.recent = RecentIds()
+    def __init__(self, shared: Shared) -> None:
+        self.recent = RecentReplies(shared)
         self.spare: Deque[str] = collections.deque()
         self.current = 0
 
@@ -276,7 +307,7 @@ def _fill_from(
     streak_start: Optional[float] = None  # when the current run of !ERR503 began
     inflight: Deque[int] = collections.deque()  # sizes asked for, oldest first
     pending = 0  # sum(inflight)
-    admit = session.recent.admit
+    recent = session.recent
     monotonic = settings.clock
     while True:
         refused = False
@@ -323,12 +354,12 @@ def _fill_from(
                 if attempts_left <= 0:
                     return _NO_REPLY
                 break  # ask again
+            if data in recent:
+                continue  # a copy of a reply already used: keep waiting
             reply = decode_reply(data)
             if isinstance(reply, tuple):
-                fresh = admit(reply)
-                if not fresh:
-                    continue  # only network duplicates: keep waiting
-                out.extend(fresh)
+                recent.add(data, len(reply))
+                out.extend(reply)
                 if inflight:
                     pending -= inflight.popleft()
                 attempts_left = settings.attempts

@@ -128,10 +128,35 @@ class _Channel:
     collected (its thread ended), whichever comes first.
     """
 
+    # Why each channel has its own duplicate filter (session.recent) and
+    # the client as a whole still never returns one ID twice, with no lock:
+    #
+    # * The server never hands out an ID twice, to anyone. So the only way
+    #   an ID reaches this client twice is the network delivering one reply
+    #   datagram twice (or replaying it late): the very same bytes, which is
+    #   also why the filter compares whole datagrams (_engine.RecentReplies).
+    # * Each channel's sockets are its own, each with its own ephemeral
+    #   port and connected to one server. The server sends a reply to the
+    #   address the request came from, so a reply, any copy of it, and any
+    #   late arrival can only be received by the socket that sent the
+    #   request (the kernel drops datagrams from other sources on a
+    #   connected socket). A copy therefore meets the very filter that saw
+    #   the original.
+    # * A shared filter would need a lock on every reply and could catch
+    #   nothing more. The one residual case - a copy delayed beyond the
+    #   socket's life and delivered to a new socket that reused its port -
+    #   exists for any UDP client, in separate processes too, and a shared
+    #   filter would not cover other processes either.
+    #
+    # Spare IDs (received beyond what a call took) stay in the channel and
+    # are returned by its next calls, so they too are returned only once.
+
     __slots__ = ("session", "generation", "_targets", "_servers", "_recv_size", "_sockets", "_finalizer", "__weakref__")
 
-    def __init__(self, targets: Sequence[Resolved], servers: Sequence[str], recv_size: int) -> None:
-        self.session = _engine.Session()
+    def __init__(
+        self, shared: _engine.Shared, targets: Sequence[Resolved], servers: Sequence[str], recv_size: int
+    ) -> None:
+        self.session = _engine.Session(shared)
         self._recv_size = recv_size
         self.generation = _fork_generation
         self._targets = targets
@@ -157,12 +182,12 @@ class _Channel:
     def take(self, settings: _engine.Settings, shared: _engine.Shared, count: int) -> List[str]:
         """``count`` new IDs.
 
-        The common case (one request answered at once by fresh IDs) is done
-        inline, without the engine's generator machinery: a single ID costs
-        little more than the two system calls. Anything else (a timeout, an
-        error reply, duplicates, a short reply, a bulk call) goes to the
-        engine, which carries on from where this left off, so behaviour is
-        the same either way.
+        The common case (one request answered at once by a fresh reply) is
+        done inline, without the engine's generator machinery: a single ID
+        costs little more than the two system calls. Anything else (a
+        timeout, an error reply, a duplicate, a short reply, a bulk call)
+        goes to the engine, which carries on from where this left off, so
+        behaviour is the same either way.
         """
         session = self.session
         index = session.current
@@ -175,19 +200,13 @@ class _Channel:
             else:
                 data = sock.recv(settings.timeout)
                 prior = _engine.Prior(index, count, True, data)
-                if data is not None:
+                if data is not None and data not in session.recent:
                     ids = decode_reply(data)
                     if type(ids) is tuple and len(ids) >= count:
-                        fresh = session.recent.admit(ids)
-                        if fresh is ids:  # all fresh: done
-                            if len(ids) > count:
-                                session.spare.extend(ids[count:])
-                            return list(ids[:count])
-                        # Some were network duplicates. Keep the fresh ones
-                        # (the engine takes them first) and let the engine
-                        # wait on, as it would for a reply it cannot use.
-                        session.spare.extend(fresh)
-                        prior.reply = b""
+                        session.recent.add(data, len(ids))
+                        if len(ids) > count:
+                            session.spare.extend(ids[count:])
+                        return list(ids[:count])
         except OSError as e:
             if not self._finalizer.alive:
                 raise ClientClosed() from e
@@ -233,8 +252,8 @@ class Client:
 
     Each thread gets its own sockets and state (a *channel*), so calls from
     different threads never wait for each other: there is no lock on the
-    request path. See the README for why the duplicate filter can be per
-    channel.
+    request path. The comment in ``_Channel`` explains why the duplicate
+    filter can be per channel.
     """
 
     def __init__(
@@ -269,7 +288,7 @@ class Client:
             return channel
         if self._closed:
             raise ClientClosed()
-        channel = _Channel(self._targets, self._settings.servers, self._recv_size)
+        channel = _Channel(self._shared, self._targets, self._settings.servers, self._recv_size)
         key = id(channel)
         channels = self._channels
         channels[key] = weakref.ref(channel, lambda _ref: channels.pop(key, None))
