@@ -5,6 +5,7 @@
 
 use std::io::Write;
 use std::net::ToSocketAddrs;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -17,8 +18,10 @@ use tradeid::{GenError, Generator, GeneratorConfig};
 
 use crate::cluster::{self, Etcd};
 use crate::config::{cluster_options, ServeConfig};
-use crate::exit::{ConfigError, Exhausted, Unreachable};
-use crate::flags::{Cli, Command, DecodeArgs, GenArgs, GetArgs, InitArgs, InspectArgs, KeygenArgs, ServeArgs};
+use crate::exit::{ConfigError, Exhausted, InvalidIds, Unreachable};
+use crate::flags::{
+    CheckArgs, Cli, Command, DecodeArgs, GenArgs, GetArgs, InitArgs, InspectArgs, KeygenArgs, ServeArgs,
+};
 use crate::{control, dataplane};
 
 /// `println!` that returns a failed write as an error instead of
@@ -43,16 +46,40 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Gen(args) => gen(args),
         Command::Inspect(args) => inspect(args),
         Command::Decode(args) => decode(args),
+        Command::Check(args) => check(args),
     }
 }
 
+/// The counter width a new space gets unless told: 35 bits, or 30 when
+/// the 7th character is a check character.
+fn default_width(check_char: bool) -> u32 {
+    if check_char {
+        tradeid::check::DATA_BITS
+    } else {
+        Geometry::DEFAULT.width
+    }
+}
+
+/// Refuses a width that does not fit six data characters.
+fn check_char_width(check_char: bool, width: u32) -> Result<(), ConfigError> {
+    if check_char && width > tradeid::check::DATA_BITS {
+        return Err(ConfigError(format!(
+            "--width {width} does not fit with --check-char: six data characters hold at most {} bits",
+            tradeid::check::DATA_BITS
+        )));
+    }
+    Ok(())
+}
+
 fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
-    let geometry = Geometry { width: args.width, shard_bits: args.shard_bits, node: 0, nodes: 1 };
+    let width = args.width.unwrap_or(default_width(args.check_char));
+    check_char_width(args.check_char, width)?;
+    let geometry = Geometry { width, shard_bits: args.shard_bits, node: 0, nodes: 1 };
     if let Err(reason) = geometry.validate() {
         bail!(ConfigError(format!("invalid --width/--shard-bits: {reason}")));
     }
-    let key =
-        SpaceKey::generate(args.width, args.shard_bits).context("cannot read the OS random source for the key")?;
+    let key = SpaceKey::generate(width, args.shard_bits, args.check_char)
+        .context("cannot read the OS random source for the key")?;
     key.write_new(&args.out)?;
     say!("created {} (space {})", args.out.display(), key.space_id());
     say!(
@@ -91,7 +118,17 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
         (given, in_key) => Ok(given.or(in_key).unwrap_or(default)),
     }
     };
-    let width = from_key("width", args.width, space.map(|k| k.width), Geometry::DEFAULT.width)?;
+    let check_char = match space {
+        Some(space) if args.check_char && !space.check_char => bail!(ConfigError(format!(
+            "--check-char, but the key file {} defines a space without check characters; every node of a space \
+             uses one format. Leave --check-char out, or make a new space with `tradeid keygen --check-char`",
+            args.key_file.as_deref().unwrap_or(Path::new("")).display()
+        ))),
+        Some(space) => space.check_char,
+        None => args.check_char,
+    };
+    let width = from_key("width", args.width, space.map(|k| k.width), default_width(check_char))?;
+    check_char_width(check_char, width)?;
     let shard_bits =
         from_key("shard-bits", args.shard_bits, space.map(|k| k.shard_bits), Geometry::DEFAULT.shard_bits)?;
     let geometry = Geometry { width, shard_bits, node: args.node, nodes: args.nodes };
@@ -103,19 +140,21 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
         None => Header::new(geometry, args.sequential),
     }
     .context("cannot read the OS random source")?;
+    let header = Header { check_char, ..header };
     state::create(&args.state, &header)?;
     for path in &args.state {
         say!("created {}", path.display());
     }
     say!(
-        "space {}, node {} of {}: {} IDs in {} shards of {}{}",
+        "space {}, node {} of {}: {} IDs in {} shards of {}{}{}",
         header.space_id(),
         geometry.node,
         geometry.nodes,
         geometry.node_capacity(),
         geometry.node_shards().count(),
         geometry.shard_size(),
-        if args.sequential { ", sequential" } else { ", permuted" }
+        if args.sequential { ", sequential" } else { ", permuted" },
+        if check_char { ", each ending in a check character" } else { "" }
     );
     Ok(())
 }
@@ -168,8 +207,9 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     say!("state file     {}", path.display());
     say!("format         version 1, created at unix time {}", h.created_unix);
     say!(
-        "ids            {}",
-        if h.sequential { "sequential (identity permutation)" } else { "permuted (keyed Feistel)" }
+        "ids            {}{}",
+        if h.sequential { "sequential (identity permutation)" } else { "permuted (keyed Feistel)" },
+        if h.check_char { ", 6 characters and a check character" } else { ", 7 characters, no check character" }
     );
     say!("geometry       2^{} IDs, {} shards of {}", g.width, g.shard_count(), g.shard_size());
     say!(
@@ -228,28 +268,68 @@ fn compare_mirror(first: &Snapshot, mirror: &std::path::Path) -> String {
 }
 
 fn decode(args: DecodeArgs) -> anyhow::Result<()> {
-    let id = Id::parse(&args.id).map_err(|e| ConfigError(format!("{:?} is not an ID: {e}", args.id)))?;
+    let id = Id::parse(&args.id).map_err(|e| InvalidIds(format!("{:?} is not an ID: {e}", args.id)))?;
     let snap = Snapshot::read(&args.state[0])?;
-    let g = snap.header.geometry;
-    if id.value() >> g.width != 0 {
-        bail!(ConfigError(format!(
+    let (g, scheme) = (snap.header.geometry, snap.header.scheme());
+    say!("id       {id}");
+    say!("space    {}", snap.header.space_id());
+    if !scheme.has_check_char() {
+        say!("check    none: this space's IDs carry no check character");
+    } else if id.has_valid_check() {
+        say!("check    ok: the last character matches the first six");
+    } else {
+        say!("check    MISMATCH");
+        bail!(InvalidIds(format!("{id}: {}", tradeid::id::ParseError::CheckMismatch)));
+    }
+    let Some(counter) = scheme.counter(id) else {
+        bail!(InvalidIds(format!(
             "{id} is outside this state file's 2^{} space; it was not issued from {}",
             g.width,
             args.state[0].display()
         )));
-    }
-    let counter = snap.header.permutation().invert(id.value());
+    };
     let shard = (counter >> g.shard_bits) as u32;
     let offset = counter & (g.shard_size() - 1);
     let issued = offset < snap.marks[shard as usize];
-    say!("id       {id}");
-    say!("space    {}", snap.header.space_id());
     say!("counter  {counter}");
     say!("shard    {shard} (offset {offset}, owned by node {})", shard % g.nodes);
     say!(
         "status   {}",
         if issued { "below the shard's mark: may have been issued" } else { "above the shard's mark: never issued" }
     );
+    Ok(())
+}
+
+/// `tradeid check`: one line per ID, its canonical form or why it is not
+/// valid; fails (65) if any is not. `-` reads IDs from standard input.
+fn check(args: CheckArgs) -> anyhow::Result<()> {
+    let mut stdin_ids = Vec::new();
+    if args.ids.iter().any(|a| a == "-") {
+        for line in std::io::stdin().lines() {
+            let line = line.context("cannot read IDs from standard input")?;
+            if !line.trim().is_empty() {
+                stdin_ids.push(line);
+            }
+        }
+    }
+    let mut stdin_ids = stdin_ids.into_iter();
+    let (mut total, mut bad) = (0usize, 0usize);
+    for arg in &args.ids {
+        let ids: Vec<String> = if arg == "-" { stdin_ids.by_ref().collect() } else { vec![arg.clone()] };
+        for text in ids {
+            total += 1;
+            match Id::parse_checked(&text) {
+                Ok(id) => say!("{id}"),
+                Err(e) => {
+                    bad += 1;
+                    say!("{:?}: {e}", text.trim());
+                }
+            }
+        }
+    }
+    if bad > 0 {
+        bail!(InvalidIds(format!("{bad} of {total} IDs are not valid (see the lines above)")));
+    }
     Ok(())
 }
 

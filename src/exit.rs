@@ -15,6 +15,12 @@ pub(crate) struct ConfigError(pub(crate) String);
 #[error("the ID space of this node is exhausted; no more IDs can be issued from this state file")]
 pub(crate) struct Exhausted;
 
+/// Some of the IDs given to `check` or `decode` are not valid: mistyped,
+/// or failing their check character (exit code 65).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct InvalidIds(pub(crate) String);
+
 /// No server answered (exit code 69).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -149,7 +155,7 @@ fn user_name(passwd: &str, uid: u32) -> Option<&str> {
 /// |---|---|
 /// | 0  | success, or standard output closed early (`| head`): see [`report`] |
 /// | 1  | any other failure |
-/// | 65 | EX_DATAERR: the state file is corrupt, or the space is exhausted |
+/// | 65 | EX_DATAERR: the state file is corrupt, the space is exhausted, or an ID given to `check` or `decode` is not valid |
 /// | 66 | EX_NOINPUT: the state file does not exist |
 /// | 69 | EX_UNAVAILABLE: the state file is locked by another process, a listen address (`--listen`, `--admin`, `--grpc`) is in use, no server answered, or etcd did not |
 /// | 73 | EX_CANTCREAT: init refused (file exists, or no space) |
@@ -181,7 +187,7 @@ pub fn code(err: &anyhow::Error) -> u8 {
         if cause.is::<ConfigError>() {
             return 78;
         }
-        if cause.is::<Exhausted>() {
+        if cause.is::<Exhausted>() || cause.is::<InvalidIds>() {
             return 65;
         }
         if cause.is::<Unreachable>() {

@@ -43,6 +43,8 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Decode an ID back to its counter and shard (for support).
     Decode(DecodeArgs),
+    /// Check IDs' check characters (spaces made with --check-char); no state file needed.
+    Check(CheckArgs),
 }
 
 /// `tradeid init`.
@@ -64,7 +66,14 @@ pub struct InitArgs {
     /// node of the space must be created from the same key file.
     #[arg(long, env = "TRADEID_KEY_FILE", conflicts_with = "sequential")]
     pub key_file: Option<PathBuf>,
-    /// Counter width in bits (for tests: small spaces) [default: 35, or the key file's].
+    /// End every ID in a check character that catches any one mistyped
+    /// character and any swap of neighbours: 6 data characters, so 2^30
+    /// (about 1.07 billion) IDs instead of 2^35. A key file or an existing
+    /// etcd cluster already says which; this flag must then agree.
+    #[arg(long, env = "TRADEID_CHECK_CHAR")]
+    pub check_char: bool,
+    /// Counter width in bits (for tests: small spaces) [default: 35, 30
+    /// with --check-char, or the key file's].
     #[arg(long, hide = true, env = "TRADEID_WIDTH")]
     pub width: Option<u32>,
     /// log2 of the shard size (for tests: small shards) [default: 22, or the key file's].
@@ -111,9 +120,13 @@ pub struct KeygenArgs {
     /// Where to write the new key (mode 0600; never overwrites).
     #[arg(long, env = "TRADEID_KEY_FILE")]
     pub out: PathBuf,
-    /// Counter width in bits (for tests: small spaces).
-    #[arg(long, default_value_t = Geometry::DEFAULT.width, hide = true, env = "TRADEID_WIDTH")]
-    pub width: u32,
+    /// The space's IDs end in a check character (see `init --check-char`).
+    #[arg(long, env = "TRADEID_CHECK_CHAR")]
+    pub check_char: bool,
+    /// Counter width in bits (for tests: small spaces) [default: 35, 30
+    /// with --check-char].
+    #[arg(long, hide = true, env = "TRADEID_WIDTH")]
+    pub width: Option<u32>,
     /// log2 of the shard size (for tests: small shards).
     #[arg(long, default_value_t = Geometry::DEFAULT.shard_bits, hide = true, env = "TRADEID_SHARD_BITS")]
     pub shard_bits: u32,
@@ -154,6 +167,15 @@ pub struct DecodeArgs {
     pub state: Vec<PathBuf>,
     /// The ID, as typed (case, hyphens, spaces, O/I/L are forgiven).
     pub id: String,
+}
+
+/// `tradeid check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The IDs, as typed (case, hyphens, spaces, O/I/L are forgiven); `-`
+    /// reads them from standard input, one per line.
+    #[arg(required = true)]
+    pub ids: Vec<String>,
 }
 
 /// `tradeid serve`.

@@ -8,6 +8,7 @@
 mod etcd;
 mod harness;
 
+mod check_char;
 mod cli;
 mod cluster;
 mod daemon;

@@ -6,6 +6,9 @@
 //! - `handle.fill(175)`: the generator's bulk path (blocks, prefetch, flushes).
 //! - `handle.next_id()`: one ID per call.
 //!
+//! Each is run twice, side by side: for a plain 35-bit space, then (`+check`)
+//! for a 30-bit space whose IDs end in a check character.
+//!
 //! `cargo bench --bench generate -- --fixed` instead does a fixed amount of
 //! work (10,000 fills of 175 IDs) with no timing, for instruction counting:
 //! `valgrind --tool=callgrind target/release/deps/generate-* --fixed`, then
@@ -15,7 +18,8 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use tradeid::id::{encode_into, Key, Permutation, ID_LEN, MAX_WIDTH};
+use tradeid::check;
+use tradeid::id::{encode_into, Key, Permutation, Scheme, ID_LEN, MAX_WIDTH};
 use tradeid::state::{create, Geometry, Header, Store};
 use tradeid::{Generator, GeneratorConfig};
 
@@ -26,38 +30,45 @@ fn main() {
         return fixed_work();
     }
     pin_to_cpu0();
-    let perm = Permutation::keyed(MAX_WIDTH, Key([0x1234, 0x5678, 0x9abc, 0xdef0]));
-    let mut buf = vec![0u8; 4096 * ID_LEN];
-    let mut counter = 0u64;
-    report("permute+encode", || {
-        for chunk in buf.chunks_exact_mut(ID_LEN) {
-            encode_into(perm.apply(counter), chunk.try_into().unwrap());
-            counter += 1;
-        }
-        black_box(&buf);
-        4096
-    });
-
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let path = dir.path().join("bench.state");
-    create(std::slice::from_ref(&path), &Header::new(Geometry::DEFAULT, false).unwrap()).unwrap();
-    let (store, _) = Store::open(&[path]).unwrap();
-    let generator = Generator::new(store, GeneratorConfig::default());
-    let mut handle = generator.handle().unwrap();
-    let mut reply = [0u8; 175 * ID_LEN];
-    report("handle.fill(175)", || {
-        for _ in 0..64 {
-            handle.fill(&mut reply).unwrap();
-            black_box(&reply);
-        }
-        64 * 175
-    });
-    report("handle.next_id()", || {
-        for _ in 0..4096 {
-            black_box(handle.next_id().unwrap());
-        }
-        4096
-    });
+    let key = Key([0x1234, 0x5678, 0x9abc, 0xdef0]);
+    let plain = Scheme::plain(Permutation::keyed(MAX_WIDTH, key));
+    let checked = Scheme::with_check_char(Permutation::keyed(check::DATA_BITS, key));
+    for (suffix, scheme) in [("", plain), ("+check", checked)] {
+        let mut buf = vec![0u8; 4096 * ID_LEN];
+        let mut counter = 0u64;
+        report(&format!("permute+encode{suffix}"), || {
+            for chunk in buf.chunks_exact_mut(ID_LEN) {
+                encode_into(scheme.id_value(counter), chunk.try_into().unwrap());
+                counter = (counter + 1) & ((1 << 30) - 1);
+            }
+            black_box(&buf);
+            4096
+        });
+    }
+    for (suffix, check_char, width) in [("", false, MAX_WIDTH), ("+check", true, check::DATA_BITS)] {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("bench.state");
+        let geometry = Geometry { width, ..Geometry::DEFAULT };
+        let header = Header { check_char, ..Header::new(geometry, false).unwrap() };
+        create(std::slice::from_ref(&path), &header).unwrap();
+        let (store, _) = Store::open(&[path]).unwrap();
+        let generator = Generator::new(store, GeneratorConfig::default());
+        let mut handle = generator.handle().unwrap();
+        let mut reply = [0u8; 175 * ID_LEN];
+        report(&format!("handle.fill(175){suffix}"), || {
+            for _ in 0..64 {
+                handle.fill(&mut reply).unwrap();
+                black_box(&reply);
+            }
+            64 * 175
+        });
+        report(&format!("handle.next_id(){suffix}"), || {
+            for _ in 0..4096 {
+                black_box(handle.next_id().unwrap());
+            }
+            4096
+        });
+    }
 }
 
 /// 10,000 fills of 175 IDs through a real generator, untimed.
@@ -89,7 +100,7 @@ fn report(name: &str, mut batch: impl FnMut() -> u64) {
         ids += batch();
     }
     let secs = start.elapsed().as_secs_f64();
-    println!("{name:<20} {:>8.1} M IDs/s  ({:.2} ns/ID)", ids as f64 / secs / 1e6, secs * 1e9 / ids as f64);
+    println!("{name:<24} {:>8.1} M IDs/s  ({:.2} ns/ID)", ids as f64 / secs / 1e6, secs * 1e9 / ids as f64);
 }
 
 fn pin_to_cpu0() {

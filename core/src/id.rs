@@ -1,5 +1,7 @@
-//! The ID itself: the 7-character Crockford base32 codec and the keyed
-//! permutation that turns a sequential counter into a non-sequential ID.
+//! The ID itself: the 7-character Crockford base32 codec, the keyed
+//! permutation that turns a sequential counter into a non-sequential ID,
+//! and the [`Scheme`] that puts them together for one space (with, if the
+//! space was made with `--check-char`, a [check character](crate::check)).
 //!
 //! This module is pure: no I/O, no allocation, no global state. The hot path
 //! is [`Permutation::apply`] followed by [`encode_into`]; both are a handful of
@@ -22,6 +24,8 @@
 
 use std::fmt;
 use std::str::FromStr;
+
+use crate::check;
 
 /// Length of an ID in characters (and bytes on the wire).
 pub const ID_LEN: usize = 7;
@@ -77,6 +81,22 @@ impl Id {
             return Err(ParseError::Length { digits });
         }
         Ok(Id(value))
+    }
+
+    /// Parses an ID of a space with check characters: as [`parse`](Self::parse),
+    /// then the check, so a typo is an error, never another trade's ID.
+    pub fn parse_checked(text: &str) -> Result<Id, ParseError> {
+        let id = Id::parse(text)?;
+        if !check::is_valid(id.value()) {
+            return Err(ParseError::CheckMismatch);
+        }
+        Ok(id)
+    }
+
+    /// Whether the last character is the right check character for the
+    /// first six (meaningful for IDs of a space with check characters).
+    pub fn has_valid_check(self) -> bool {
+        check::is_valid(self.0)
     }
 
     /// Parses exactly the 7 bytes of a wire reply (canonical alphabet only).
@@ -135,6 +155,10 @@ pub enum ParseError {
         /// How many ID characters the input held.
         digits: usize,
     },
+    /// Seven valid characters whose last is not the check character of the
+    /// first six: a mistyped or swapped character.
+    #[error("check character mismatch: probably a typo; compare with the source")]
+    CheckMismatch,
 }
 
 fn describe(ch: char) -> String {
@@ -226,9 +250,17 @@ impl Permutation {
             // half sizes the shifts and masks become immediates (about twice
             // as fast as variable ones).
             feistel(counter, HALF_35.0, HALF_35.1, &self.keys)
+        } else if (self.left_bits, self.right_bits) == (HALF_30.0, HALF_30.1) {
+            // The same for the 30 bits of a space with check characters.
+            feistel(counter, HALF_30.0, HALF_30.1, &self.keys)
         } else {
             feistel(counter, self.left_bits, self.right_bits, &self.keys)
         }
+    }
+
+    /// The width in bits of the values it permutes.
+    pub fn width(&self) -> u32 {
+        self.left_bits + self.right_bits
     }
 
     /// Maps an ID value back to its counter: the inverse of [`apply`](Self::apply).
@@ -242,6 +274,69 @@ impl Permutation {
         x = unround(x, a, b, self.keys[2]);
         x = unround(x, b, a, self.keys[1]);
         unround(x, a, b, self.keys[0])
+    }
+}
+
+/// How one space turns counters into IDs: its permutation, and whether the
+/// 7th character is a [check character](crate::check) (then the permutation
+/// covers at most 30 bits, the six data characters).
+#[derive(Clone, Copy, Debug)]
+pub struct Scheme {
+    perm: Permutation,
+    check: bool,
+}
+
+impl Scheme {
+    /// IDs are the permuted counter itself (up to 35 bits, 7 characters).
+    pub fn plain(perm: Permutation) -> Scheme {
+        Scheme { perm, check: false }
+    }
+
+    /// IDs are 6 characters of permuted counter, then the check character.
+    /// The permutation must be at most 30 bits wide.
+    pub fn with_check_char(perm: Permutation) -> Scheme {
+        assert!(perm.width() <= check::DATA_BITS, "a check-character space has at most 30 bits");
+        Scheme { perm, check: true }
+    }
+
+    /// Whether IDs end in a check character.
+    pub fn has_check_char(&self) -> bool {
+        self.check
+    }
+
+    /// The permutation of counters (of the data characters, with a check
+    /// character).
+    pub fn permutation(&self) -> Permutation {
+        self.perm
+    }
+
+    /// The ID value of `counter` (the hot path: a permutation, and for
+    /// check-character spaces three table look-ups).
+    #[inline(always)]
+    pub fn id_value(&self, counter: u64) -> u64 {
+        let data = self.perm.apply(counter);
+        if self.check {
+            check::with_check(data)
+        } else {
+            data
+        }
+    }
+
+    /// The counter behind an ID of this space: the inverse of
+    /// [`id_value`](Self::id_value). `None` if the ID cannot come from this
+    /// space: its value is outside the space, or its check character is
+    /// wrong.
+    pub fn counter(&self, id: Id) -> Option<u64> {
+        let value = id.value();
+        let data = if self.check {
+            if !check::is_valid(value) {
+                return None;
+            }
+            value >> 5
+        } else {
+            value
+        };
+        (data >> self.perm.width() == 0).then(|| self.perm.invert(data))
     }
 }
 
@@ -264,6 +359,8 @@ fn feistel(counter: u64, a: u32, b: u32, keys: &[u64; ROUNDS]) -> u64 {
 
 /// Half sizes for the 35-bit production width.
 const HALF_35: (u32, u32) = (MAX_WIDTH / 2, MAX_WIDTH - MAX_WIDTH / 2);
+/// Half sizes for the 30 data bits of IDs with a check character.
+const HALF_30: (u32, u32) = (check::DATA_BITS / 2, check::DATA_BITS - check::DATA_BITS / 2);
 
 /// Undoes one round on a value laid out as `left (l bits) | right (r bits)`
 /// before the round, i.e. `right (r bits) | left ^ F(right) (l bits)` after.
@@ -339,6 +436,7 @@ mod tests {
 
     const GOLDEN_35: [&str; 6] = ["08DGWBE", "XFRF96J", "FQJGY24", "V2K2D6W", "5VRRFJ2", "1KQBT1Q"];
     const GOLDEN_12: [u64; 3] = [45, 1531, 2070];
+    const GOLDEN_30: [u64; 3] = [601_026_562, 76_174_763, 517_244_562];
 
     const TEST_KEY: Key =
         Key([0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210, 0x0f1e_2d3c_4b5a_6978, 0x8796_a5b4_c3d2_e1f0]);
@@ -425,6 +523,23 @@ mod tests {
         assert_eq!(got, GOLDEN_35);
         let small = Permutation::keyed(12, TEST_KEY);
         assert_eq!([0u64, 1, 4095].map(|c| small.apply(c)), GOLDEN_12);
+    }
+
+    /// The constant-width fast paths are the same function as the general
+    /// one (which the exhaustive test above proves a bijection), and the
+    /// 30-bit one is pinned like the 35-bit one.
+    #[test]
+    fn the_fast_paths_are_the_general_network() {
+        for width in [MAX_WIDTH, check::DATA_BITS] {
+            let perm = Permutation::keyed(width, TEST_KEY);
+            let (a, b) = (std::hint::black_box(width / 2), std::hint::black_box(width - width / 2));
+            for counter in (0..1u64 << width).step_by(1 << (width - 16)).chain([(1 << width) - 1]) {
+                assert_eq!(perm.apply(counter), feistel(counter, a, b, &TEST_KEY.0), "width {width}");
+                assert_eq!(perm.invert(perm.apply(counter)), counter);
+            }
+        }
+        let perm = Permutation::keyed(check::DATA_BITS, TEST_KEY);
+        assert_eq!([0u64, 1, (1 << 30) - 1].map(|c| perm.apply(c)), GOLDEN_30);
     }
 
     #[test]

@@ -16,12 +16,17 @@
 //! space 1f3a-9c0b-5e6d-7a8f
 //! ```
 //!
+//! A space whose IDs end in a check character (`keygen --check-char`) has
+//! one more line, `check-char yes`, which older builds refuse as unknown
+//! rather than make nodes of another format in the same space.
+//!
 //! The `space` line is derived from the others and checked on load, so a
 //! damaged key is refused instead of silently defining another space.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use crate::check::DATA_BITS;
 use crate::id::{Key, ROUNDS};
 use crate::state::{create_durably, Geometry, SpaceId, StateError};
 
@@ -34,6 +39,8 @@ pub struct SpaceKey {
     pub width: u32,
     /// log2 of the shard size.
     pub shard_bits: u32,
+    /// IDs end in a check character (then `width` is at most 30).
+    pub check_char: bool,
 }
 
 /// Why a key file could not be written or read.
@@ -70,13 +77,13 @@ pub enum KeyFileError {
 
 impl SpaceKey {
     /// A new random key for a space of the given geometry.
-    pub fn generate(width: u32, shard_bits: u32) -> std::io::Result<SpaceKey> {
-        Ok(SpaceKey { key: Key::random()?, width, shard_bits })
+    pub fn generate(width: u32, shard_bits: u32, check_char: bool) -> std::io::Result<SpaceKey> {
+        Ok(SpaceKey { key: Key::random()?, width, shard_bits, check_char })
     }
 
     /// The id every node of this space records.
     pub fn space_id(&self) -> SpaceId {
-        SpaceId::derive(&self.key, self.width, self.shard_bits, false)
+        SpaceId::derive(&self.key, self.width, self.shard_bits, false, self.check_char)
     }
 
     /// Writes the key to `path` (mode 0600), durably, never overwriting.
@@ -101,6 +108,9 @@ impl SpaceKey {
         let _ = writeln!(out, "tradeid-key {FORMAT_VERSION}");
         let _ = writeln!(out, "width {}", self.width);
         let _ = writeln!(out, "shard-bits {}", self.shard_bits);
+        if self.check_char {
+            out.push_str("check-char yes\n");
+        }
         out.push_str("key ");
         for word in self.key.0 {
             let _ = write!(out, "{word:016x}");
@@ -144,7 +154,15 @@ impl SpaceKey {
         for (i, word) in words.iter_mut().enumerate() {
             *word = u64::from_str_radix(&hex[i * 16..(i + 1) * 16], 16).expect("checked hex digits");
         }
-        let key = SpaceKey { key: Key(words), width, shard_bits };
+        let check_char = match fields.iter().find(|(n, _)| *n == "check-char") {
+            None => false,
+            Some((_, "yes")) => true,
+            Some((_, other)) => return Err(format!("check-char {other:?} must be \"yes\" (or the line left out)")),
+        };
+        if check_char && width > DATA_BITS {
+            return Err(format!("a space with check characters has at most {DATA_BITS} bits, not {width}"));
+        }
+        let key = SpaceKey { key: Key(words), width, shard_bits, check_char };
         let space = get("space")?;
         if space != key.space_id().to_string() {
             return Err(format!("its space line {space} does not match its key (expected {})", key.space_id()));
@@ -154,22 +172,44 @@ impl SpaceKey {
 }
 
 const FORMAT_VERSION: u32 = 1;
-const FIELDS: [&str; 5] = ["tradeid-key", "width", "shard-bits", "key", "space"];
+const FIELDS: [&str; 6] = ["tradeid-key", "width", "shard-bits", "check-char", "key", "space"];
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn sample() -> SpaceKey {
-        SpaceKey { key: Key([1, 2, 0xdead_beef, u64::MAX]), width: 35, shard_bits: 22 }
+        SpaceKey { key: Key([1, 2, 0xdead_beef, u64::MAX]), width: 35, shard_bits: 22, check_char: false }
     }
 
     #[test]
     fn round_trips_through_text() {
         let key = sample();
         assert_eq!(SpaceKey::decode(&key.encode()).unwrap(), key);
-        let random = SpaceKey::generate(20, 8).unwrap();
+        let random = SpaceKey::generate(20, 8, false).unwrap();
         assert_eq!(SpaceKey::decode(&random.encode()).unwrap(), random);
+        let checked = SpaceKey::generate(30, 22, true).unwrap();
+        let text = checked.encode();
+        assert!(text.contains("\ncheck-char yes\n"), "{text}");
+        assert_eq!(SpaceKey::decode(&text).unwrap(), checked);
+        assert!(!random.encode().contains("check-char"), "plain keys are written as before");
+    }
+
+    /// The check-character line is part of the space: removing it, or
+    /// adding it to a plain key, changes the space id and is refused.
+    #[test]
+    fn the_check_character_line_cannot_be_added_or_removed() {
+        let checked = SpaceKey { width: 30, check_char: true, ..sample() };
+        let text = checked.encode();
+        let removed = text.replace("check-char yes\n", "");
+        assert!(SpaceKey::decode(&removed).unwrap_err().contains("does not match its key"));
+        let plain = SpaceKey { width: 30, ..sample() }.encode();
+        let added = plain.replace("shard-bits 22\n", "shard-bits 22\ncheck-char yes\n");
+        assert!(SpaceKey::decode(&added).unwrap_err().contains("does not match its key"));
+        let bad = text.replace("check-char yes", "check-char no");
+        assert!(SpaceKey::decode(&bad).unwrap_err().contains("must be \"yes\""));
+        let wide = SpaceKey { width: 31, check_char: true, ..sample() }.encode();
+        assert!(SpaceKey::decode(&wide).unwrap_err().contains("at most 30 bits"));
     }
 
     #[test]
@@ -204,7 +244,7 @@ mod tests {
         key.write_new(&path).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(SpaceKey::read(&path).unwrap(), key);
-        let err = SpaceKey::generate(35, 22).unwrap().write_new(&path).unwrap_err();
+        let err = SpaceKey::generate(35, 22, false).unwrap().write_new(&path).unwrap_err();
         assert!(err.to_string().contains("already exists; refusing to overwrite"), "{err}");
         assert_eq!(SpaceKey::read(&path).unwrap(), key, "the first key is untouched");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");

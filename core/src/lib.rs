@@ -9,6 +9,7 @@
 //! → reply bytes, with [`state`] making every block durable first.
 //!
 //! - [`id`]: the ID, its Crockford base32 codec and the keyed permutation. Pure.
+//! - [`check`]: the optional check character (Damm over a quasigroup of order 32). Pure.
 //! - [`protocol`]: the wire format: decode a request, encode a reply. Pure.
 //! - [`policy`]: who may ask and how much: allowlist, 3× rule, rate limiter. Pure.
 //! - [`state`]: the state file: format (pure), creation, and the mapped store
@@ -21,6 +22,7 @@
 //! - [`hooks`]: fault injection for tests, compiled in only with `test-hooks`.
 #![warn(missing_docs)]
 
+pub mod check;
 pub mod client;
 pub mod generator;
 pub mod hooks;

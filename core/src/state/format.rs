@@ -8,7 +8,8 @@ use std::io;
 use std::path::Path;
 
 use super::StateError;
-use crate::id::{Key, Permutation, MAX_WIDTH, MIN_WIDTH, ROUNDS};
+use crate::check::DATA_BITS;
+use crate::id::{Key, Permutation, Scheme, MAX_WIDTH, MIN_WIDTH, ROUNDS};
 
 /// How the counter space is cut into shards, and which shards are ours.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,6 +100,9 @@ pub struct Header {
     /// The etcd cluster this file is a node of, if any: its marks are then
     /// only a local floor, and it may be served only through that cluster.
     pub cluster: Option<ClusterBinding>,
+    /// IDs end in a check character (`init --check-char`): 6 data
+    /// characters carry the counter, so the width is at most 30 bits.
+    pub check_char: bool,
 }
 
 /// The etcd cluster a state file belongs to: the cluster's random id (so a
@@ -171,6 +175,7 @@ impl Header {
             created_unix,
             records_space_id: true,
             cluster: None,
+            check_char: false,
         })
     }
 
@@ -187,7 +192,16 @@ impl Header {
     /// geometry, disjoint partitions). Derived from the key, so two nodes
     /// initialised from one key file show the same id.
     pub fn space_id(&self) -> SpaceId {
-        SpaceId::derive(&self.key, self.geometry.width, self.geometry.shard_bits, self.sequential)
+        SpaceId::derive(&self.key, self.geometry.width, self.geometry.shard_bits, self.sequential, self.check_char)
+    }
+
+    /// How this file's counters become IDs.
+    pub fn scheme(&self) -> Scheme {
+        if self.check_char {
+            Scheme::with_check_char(self.permutation())
+        } else {
+            Scheme::plain(self.permutation())
+        }
     }
 
     /// Whether this file may serve: a keyed partition of several nodes is
@@ -232,7 +246,10 @@ impl Header {
         let mut page = [0u8; HEADER_LEN];
         page[0..8].copy_from_slice(MAGIC);
         put_u32(&mut page, 8, FORMAT_VERSION);
-        put_u32(&mut page, 12, u32::from(self.sequential) | if self.cluster.is_some() { FLAG_CLUSTER } else { 0 });
+        let flags = u32::from(self.sequential)
+            | if self.cluster.is_some() { FLAG_CLUSTER } else { 0 }
+            | if self.check_char { FLAG_CHECK_CHAR } else { 0 };
+        put_u32(&mut page, 12, flags);
         put_u32(&mut page, 16, g.width);
         put_u32(&mut page, 20, g.shard_count());
         put_u64(&mut page, 24, g.shard_size());
@@ -277,7 +294,7 @@ impl Header {
             ));
         }
         let flags = get_u32(page, 12);
-        if flags & !(FLAG_SEQUENTIAL | FLAG_CLUSTER) != 0 {
+        if flags & !(FLAG_SEQUENTIAL | FLAG_CLUSTER | FLAG_CHECK_CHAR) != 0 {
             return Err(format!("unknown header flags {flags:#x}; written by a newer tradeid?"));
         }
         let width = get_u32(page, 16);
@@ -309,7 +326,13 @@ impl Header {
             created_unix: get_u64(page, 80),
             records_space_id: stored_space != 0,
             cluster: None,
+            check_char: flags & FLAG_CHECK_CHAR != 0,
         };
+        if header.check_char && width > DATA_BITS {
+            return Err(format!(
+                "it has check characters but a {width}-bit counter; six data characters hold at most {DATA_BITS} bits"
+            ));
+        }
         let header = if flags & FLAG_CLUSTER == 0 {
             header
         } else {
@@ -344,13 +367,18 @@ pub struct SpaceId(pub u64);
 impl SpaceId {
     /// The id of the space defined by `key` over `width` bits cut into
     /// shards of 2^`shard_bits` (`sequential`: the key is not used).
-    pub fn derive(key: &Key, width: u32, shard_bits: u32, sequential: bool) -> SpaceId {
+    pub fn derive(key: &Key, width: u32, shard_bits: u32, sequential: bool, check_char: bool) -> SpaceId {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
         h.update(b"tradeid space v1\0");
         h.update(width.to_le_bytes());
         h.update(shard_bits.to_le_bytes());
         h.update([u8::from(sequential)]);
+        if check_char {
+            // Only spaces with check characters hash this, so the ids of
+            // every space made before they existed stay what they were.
+            h.update(b"check-char\0");
+        }
         if !sequential {
             for k in key.0 {
                 h.update(k.to_le_bytes());
@@ -515,6 +543,7 @@ fn get_u64(buf: &[u8], at: usize) -> u64 {
 
 const FLAG_SEQUENTIAL: u32 = 1;
 const FLAG_CLUSTER: u32 = 2;
+const FLAG_CHECK_CHAR: u32 = 4;
 /// The longest cluster name.
 pub const CLUSTER_NAME_MAX: usize = 64;
 
@@ -560,6 +589,7 @@ mod tests {
             created_unix: 1_700_000_000,
             records_space_id: false,
             cluster: None,
+            check_char: false,
         };
         // A header from before the space id was recorded: still read as it was.
         let page = header.encode();
@@ -603,6 +633,23 @@ mod tests {
         let crc = crc32fast::hash(&future[..HEADER_CRC_AT]);
         put_u32(&mut future, HEADER_CRC_AT, crc);
         assert!(Header::decode(&future).unwrap_err().contains("unknown header flags"));
+    }
+
+    /// A check-character header records its flag, reads back as one, and
+    /// is its own space: the same key without the flag is another space.
+    #[test]
+    fn a_check_character_header_round_trips_and_is_its_own_space() {
+        let plain = Header::with_key(small(30, 22), false, Key([1, 2, 3, 4])).unwrap();
+        let checked = Header { check_char: true, ..plain };
+        let page = checked.encode();
+        assert_eq!(get_u32(&page, 12), FLAG_CHECK_CHAR);
+        assert_eq!(Header::decode(&page).unwrap(), checked);
+        assert!(checked.scheme().has_check_char() && !plain.scheme().has_check_char());
+        assert_ne!(checked.space_id(), plain.space_id());
+        // More than six data characters' worth of counter is refused.
+        let wide = Header { check_char: true, geometry: small(31, 22), ..plain };
+        let err = Header::decode(&wide.encode()).unwrap_err();
+        assert!(err.contains("at most 30 bits"), "{err}");
     }
 
     #[test]
