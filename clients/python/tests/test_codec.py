@@ -78,10 +78,11 @@ def test_messages_match_the_rust_wording() -> None:
 
 def test_modes() -> None:
     assert tradeid.parse("b762f00", mode="plain") == "B762F00"
+    assert tradeid.parse("938nkr1", mode="check") == "938NKR1"
     with pytest.raises(ValueError, match="unknown ID mode"):
-        tradeid.parse("B762F00", mode="check")  # type: ignore[arg-type]
+        tradeid.parse("B762F00", mode="crc")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown ID mode"):
-        tradeid.is_valid("B762F00", mode="check")  # type: ignore[arg-type]
+        tradeid.is_valid("B762F00", mode="crc")  # type: ignore[arg-type]
 
 
 def test_non_strings() -> None:

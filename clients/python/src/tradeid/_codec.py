@@ -15,6 +15,13 @@ characters (code points) from 0, separators included.
 Only ASCII is mapped, through an explicit table: Python's ``str.upper`` and
 ``str.lower`` would turn the dotless ``ı`` into ``I`` or the Kelvin sign
 into ``k``, which Rust rejects.
+
+``mode="check"`` is for spaces made with ``tradeid init --check-char``:
+the 7th character is a Damm check character over the quasigroup
+``x ∘ y = 2·x ⊕ y`` in GF(32) modulo ``t⁵ + t² + 1`` (see
+docs/protocol.md and core/src/check.rs). The forgiving rules apply first,
+then the check; a failure is ``reason="check_mismatch"``, never a silent
+success.
 """
 
 from __future__ import annotations
@@ -30,10 +37,11 @@ ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 #: Length of an ID in characters (and bytes on the wire).
 ID_LEN = 7
 
-#: How an ID is written. Only ``"plain"`` (7 characters) exists today; a
-#: mode with a check character will be added as another value, handled in
-#: :func:`parse` after the per-character scan.
-Mode = Literal["plain"]
+#: How an ID is written: ``"plain"`` (7 data characters, the default) or
+#: ``"check"`` (6 data characters and a check character).
+Mode = Literal["plain", "check"]
+
+_MODES = ("plain", "check")
 
 _SEPARATORS = "- "
 
@@ -49,6 +57,26 @@ for _alias, _canonical in (("O", "0"), ("I", "1"), ("L", "1")):
 for _c in _SEPARATORS:
     _DECODE[_c] = ""
 del _c, _alias, _canonical
+
+# The check character: Damm's run over x ∘ y = 2·x ⊕ y in GF(32).
+def _mul2(x: int) -> int:
+    x <<= 1
+    return (x ^ 0b100101) if x & 32 else x
+
+
+_VALUE = {c: i for i, c in enumerate(ALPHABET)}
+_STEP = [[_mul2(s) ^ d for d in range(32)] for s in range(32)]
+
+
+def _check_ok(canonical: str) -> bool:
+    """Whether the run over the 7 canonical characters ends at 0."""
+    s = 0
+    for ch in canonical:
+        s = _STEP[s][_VALUE[ch]]
+    return s == 0
+
+
+CHECK_MISMATCH = "check character mismatch: probably a typo; compare with the source"
 
 # str.translate table deleting every canonical character.
 _DELETE_ALPHABET = str.maketrans("", "", ALPHABET)
@@ -88,8 +116,14 @@ def _length(text: str, digits: int) -> InvalidId:
 
 
 def _check_mode(mode: str) -> None:
-    if mode != "plain":
-        raise ValueError(f"unknown ID mode {mode!r}; the only mode is 'plain'")
+    if mode not in _MODES:
+        raise ValueError(f"unknown ID mode {mode!r}; use 'plain' or 'check'")
+
+
+def _checked(text: str, canonical: str, mode: str) -> str:
+    if mode == "check" and not _check_ok(canonical):
+        raise InvalidId(CHECK_MISMATCH, text=text, reason="check_mismatch")
+    return canonical
 
 
 def parse(text: str, *, mode: Mode = "plain") -> str:
@@ -97,16 +131,19 @@ def parse(text: str, *, mode: Mode = "plain") -> str:
 
     >>> parse("b76-2fo0")
     'B762F00'
+    >>> parse("938-nkr1", mode="check")
+    '938NKR1'
 
     Raises :class:`tradeid.InvalidId` (a ``ValueError``) with a message that
     names the offending character and position, or the number of ID
-    characters found.
+    characters found, or (``mode="check"``) that the check character does
+    not match.
     """
     _check_mode(mode)
     if not isinstance(text, str):
         raise TypeError(f"an ID is parsed from str, not {type(text).__name__}")
     if len(text) == ID_LEN and not text.translate(_DELETE_ALPHABET):
-        return text  # already canonical: the common case, an ID from a server
+        return _checked(text, text, mode)  # already canonical: the common case
     decoded = []
     digits = 0
     decode = _DECODE.get
@@ -119,7 +156,7 @@ def parse(text: str, *, mode: Mode = "plain") -> str:
             decoded.append(canonical)
     if digits != ID_LEN:
         raise _length(text, digits)
-    return "".join(decoded)
+    return _checked(text, "".join(decoded), mode)
 
 
 def is_valid(text: str, *, mode: Mode = "plain") -> bool:

@@ -16,7 +16,9 @@ class InvalidId(TradeIdError, ValueError):
 
     * ``"invalid_char"``: ``char`` at ``position`` (counted in characters
       from 0) is not an ID character, an alias or a separator;
-    * ``"length"``: the text holds ``digits`` ID characters instead of 7.
+    * ``"length"``: the text holds ``digits`` ID characters instead of 7;
+    * ``"check_mismatch"`` (``mode="check"`` only): seven valid characters
+      whose last is not the check character of the first six, a typo.
     """
 
     def __init__(
