@@ -50,10 +50,7 @@ fn modes(doc: &Map<String, Value>) -> Vec<(&str, &Map<String, Value>)> {
 }
 
 fn cases<'a>(section: &'a Map<String, Value>, mode: &str, kind: &str) -> &'a [Value] {
-    section
-        .get(kind)
-        .and_then(Value::as_array)
-        .unwrap_or_else(|| panic!("mode {mode:?} has no {kind:?} array"))
+    section.get(kind).and_then(Value::as_array).unwrap_or_else(|| panic!("mode {mode:?} has no {kind:?} array"))
 }
 
 fn text<'a>(case: &'a Value, field: &str) -> &'a str {

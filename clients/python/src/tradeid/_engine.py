@@ -12,12 +12,17 @@ after a server's turn ends without a reply the engine yields
 filter behave identically in both clients, and can be tested without a
 network.
 
-Semantics follow the Rust client (core/src/client.rs), with three
-deliberate differences, each fixing a way the Rust client gives up while the
-server is healthy:
+Semantics follow the Rust client (core/src/client.rs). As there,
+``!ERR413`` lowers the batch size to half of what was asked, for good, and
+asks again from the *same* server without counting a lost attempt. (The
+reply does not say the server's limit: it is a fixed 7-byte ``!ERR413``.
+Probing upward again after a halving could home in on it, but replies carry
+no tag, so with requests of several sizes in flight a reply cannot be tied
+to the size it answers; halving settles between half the limit and the
+limit, after at most log2(max_batch) refusals per client, and a caller who
+knows the limit passes it as ``max_batch``.) Two deliberate differences
+fix ways the Rust client gives up while the server is healthy:
 
-* ``!ERR413`` lowers the batch size (to half of what was asked) and asks
-  again from the *same* server; it is not counted as a lost attempt.
 * ``!ERR503`` is retried with exponential backoff (1 ms doubling, capped at
   50 ms) without using up attempts. Only a run of 503s with no ID in between
   for longer than :func:`unavailable_budget` (4 x attempts x timeout, at
