@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
@@ -118,19 +119,23 @@ impl GrpcServer {
                         Ok(l) => l,
                         Err(e) => return tracing::error!("cannot use the gRPC listener: {e}"),
                     };
+                    // The socket options go on the incoming stream: the
+                    // builder's own (tcp_nodelay, tcp_keepalive) apply only
+                    // to listeners it binds itself. Without TCP_NODELAY a
+                    // reply's last segment waits for the client's delayed
+                    // ACK (Nagle): tens of milliseconds per large reply.
+                    let incoming = TcpIncoming::from(listener)
+                        .with_nodelay(Some(true))
+                        .with_keepalive(Some(Duration::from_secs(60)));
                     let served = tonic::transport::Server::builder()
                         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-                        .tcp_keepalive(Some(Duration::from_secs(60)))
                         .add_service(health_service)
                         .add_service(reflection_v1)
                         .add_service(reflection_v1alpha)
                         .add_service(IdServiceServer::new(service))
-                        .serve_with_incoming_shutdown(
-                            tokio_stream::wrappers::TcpListenerStream::new(listener),
-                            async move {
-                                let _ = stopping.wait_for(|stop| *stop).await;
-                            },
-                        )
+                        .serve_with_incoming_shutdown(incoming, async move {
+                            let _ = stopping.wait_for(|stop| *stop).await;
+                        })
                         .await;
                     if let Err(e) = served {
                         tracing::error!("the gRPC listener failed: {e}");

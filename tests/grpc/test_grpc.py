@@ -2,7 +2,9 @@
 with stubs generated from the proto at test time. Uniqueness is checked on
 the IDs themselves."""
 import re
+import shutil
 import signal
+import subprocess
 import threading
 import time
 import urllib.request
@@ -257,3 +259,27 @@ def test_shutdown_mid_stream_ends_the_stream_cleanly(server, stubs):
     assert errors and errors[0] in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), errors
     assert len(got) == len(set(got))
     assert server.proc.wait(10) == 0
+
+
+def test_accepted_connections_get_nodelay_and_keepalive(server, stubs, tmp_path):
+    """The socket options are set on every accepted connection (tonic's
+    builder options do not reach a listener it did not bind). Without
+    TCP_NODELAY, large replies wait on delayed ACKs. Seen with strace
+    attached to the running server, so nothing is timed."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.fail("strace is needed (apt-get install strace)")
+    trace = tmp_path / "trace"
+    tracer = subprocess.Popen([strace, "-f", "-p", str(server.proc.pid), "-e", "trace=setsockopt", "-o", str(trace)],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        attached = tracer.stderr.readline()
+        assert "attached" in attached, attached
+        stub = stubs["rpc"].IdServiceStub(channel(server))
+        assert len(stub.Next(stubs["pb"].NextRequest(count=1000), timeout=10).ids) == 1000
+    finally:
+        tracer.terminate()  # detaches; the server goes on
+        tracer.wait(10)
+    calls = trace.read_text()
+    assert "TCP_NODELAY, [1]" in calls, calls
+    assert "SO_KEEPALIVE, [1]" in calls and "TCP_KEEPIDLE, [60]" in calls, calls
