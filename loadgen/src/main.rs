@@ -1,16 +1,19 @@
 //! loadgen: a UDP load generator for tradeid (and any request/response UDP
-//! service), plus the echo baseline it is compared against.
+//! service), plus the echo baseline it is compared against, and a gRPC and
+//! HTTP load mode to compare those protocols with UDP.
 //!
 //! - `schedule`: open-loop intended send times (fixed or Poisson).
 //! - `matcher`: reply judging, FIFO matching, duplicate counting.
 //! - `drive`: the generator threads.
 //! - `report`: tallies, merging, the summary and its JSON.
 //! - `echo`: the echo baseline server.
+//! - `rpc`: `loadgen rpc`, closed-loop gRPC or HTTP load.
 
 mod drive;
 mod echo;
 mod matcher;
 mod report;
+mod rpc;
 mod schedule;
 mod sockets;
 
@@ -40,6 +43,8 @@ struct Cli {
 enum Command {
     /// Serve the echo baseline: same batching as tradeid, constant replies.
     Echo(echo::EchoArgs),
+    /// Load a tradeid server over gRPC (Next) or HTTP (/ids) instead of UDP.
+    Rpc(rpc::RpcArgs),
 }
 
 /// Load options.
@@ -111,6 +116,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Echo(args)) => echo::run(args),
+        Some(Command::Rpc(args)) => rpc::run(args),
         None => run(cli.run),
     };
     if let Err(e) = result {
