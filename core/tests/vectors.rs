@@ -49,8 +49,17 @@ fn modes(doc: &Map<String, Value>) -> Vec<(&str, &Map<String, Value>)> {
     doc.iter().filter_map(|(name, section)| Some((name.as_str(), section.as_object()?))).collect()
 }
 
-fn cases<'a>(section: &'a Map<String, Value>, mode: &str, kind: &str) -> &'a [Value] {
-    section.get(kind).and_then(Value::as_array).unwrap_or_else(|| panic!("mode {mode:?} has no {kind:?} array"))
+/// Every case of `kind` (`"valid"` or `"invalid"`) of every mode in
+/// [`MODES`], with the mode's name and parser.
+fn cases<'a>(doc: &'a Map<String, Value>, kind: &str) -> Vec<(&'static str, Parser, &'a Value)> {
+    let mut all = Vec::new();
+    for &(name, parse) in MODES {
+        let section = doc.get(name).and_then(Value::as_object).unwrap_or_else(|| panic!("no mode {name:?}"));
+        let list = section.get(kind).and_then(Value::as_array);
+        let list = list.unwrap_or_else(|| panic!("mode {name:?} has no {kind:?} array"));
+        all.extend(list.iter().map(|case| (name, parse, case)));
+    }
+    all
 }
 
 fn text<'a>(case: &'a Value, field: &str) -> &'a str {
@@ -81,34 +90,26 @@ fn every_mode_in_the_file_has_a_rust_parser() {
 #[test]
 fn valid_inputs_parse_to_their_canonical_form() {
     let doc = vectors();
-    let mut checked = 0;
-    for (name, parse) in MODES {
-        let section = doc.get(*name).and_then(Value::as_object).unwrap_or_else(|| panic!("no mode {name:?}"));
-        for case in cases(section, name, "valid") {
-            let (input, canonical) = (text(case, "input"), text(case, "canonical"));
-            assert_eq!(parse(input), Ok(canonical.to_owned()), "mode {name}, input {input:?}");
-            // The canonical form is a fixed point.
-            assert_eq!(parse(canonical), Ok(canonical.to_owned()), "mode {name}, canonical {canonical:?}");
-            checked += 1;
-        }
+    let valid = cases(&doc, "valid");
+    for &(name, parse, case) in &valid {
+        let (input, canonical) = (text(case, "input"), text(case, "canonical"));
+        assert_eq!(parse(input), Ok(canonical.to_owned()), "mode {name}, input {input:?}");
+        // The canonical form is a fixed point.
+        assert_eq!(parse(canonical), Ok(canonical.to_owned()), "mode {name}, canonical {canonical:?}");
     }
-    assert!(checked >= 20, "only {checked} valid cases");
+    assert!(valid.len() >= 20, "only {} valid cases", valid.len());
 }
 
 #[test]
 fn invalid_inputs_are_rejected_for_their_reason() {
     let doc = vectors();
-    let mut checked = 0;
-    for (name, parse) in MODES {
-        let section = doc.get(*name).and_then(Value::as_object).unwrap_or_else(|| panic!("no mode {name:?}"));
-        for case in cases(section, name, "invalid") {
-            let input = text(case, "input");
-            let mut expected = case.as_object().expect("a case is an object").clone();
-            expected.remove("input");
-            expected.remove("note");
-            assert_eq!(parse(input), Err(Value::Object(expected)), "mode {name}, input {input:?}");
-            checked += 1;
-        }
+    let invalid = cases(&doc, "invalid");
+    for &(name, parse, case) in &invalid {
+        let input = text(case, "input");
+        let mut expected = case.as_object().expect("a case is an object").clone();
+        expected.remove("input");
+        expected.remove("note");
+        assert_eq!(parse(input), Err(Value::Object(expected)), "mode {name}, input {input:?}");
     }
-    assert!(checked >= 20, "only {checked} invalid cases");
+    assert!(invalid.len() >= 20, "only {} invalid cases", invalid.len());
 }

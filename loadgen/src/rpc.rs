@@ -23,7 +23,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tradeid::id::ID_LEN;
 
-use crate::report::{cpu_time, Latency, Summary, Tally};
+use crate::report::{CpuMeter, Latency, Summary, Tally};
 
 /// The generated `tradeid.v1` client.
 #[allow(unreachable_pub, missing_docs, clippy::all)]
@@ -71,17 +71,9 @@ pub(crate) struct RpcArgs {
     /// Seconds to run (1..=3600).
     #[arg(long, default_value_t = 5.0)]
     duration: f64,
-    /// Write the summary as JSON to this file ("-" for standard output, with
-    /// the human summary moved to standard error).
-    #[arg(long)]
-    json: Option<String>,
-    /// Also report the CPU time of this process (the server) per call.
-    #[arg(long)]
-    server_pid: Option<u32>,
-    /// Accepted for symmetry with the UDP mode; this mode prints no
-    /// progress lines.
-    #[arg(long)]
-    quiet: bool,
+    /// The summary (this mode prints no progress lines).
+    #[command(flatten)]
+    output: crate::Output,
 }
 
 /// Runs the load and prints (and writes) the summary.
@@ -101,17 +93,13 @@ pub(crate) fn run(args: RpcArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the client runtime")?;
-    let server_pid = args.server_pid.map(|p| p.to_string());
-    let server_cpu_before = server_pid.as_deref().and_then(cpu_time);
-    let client_cpu_before = cpu_time("self").unwrap_or_default();
+    let cpu = CpuMeter::start(args.output.server_pid);
     let start = Instant::now();
     let total = runtime.block_on(drive(&args, start + Duration::from_secs_f64(args.duration)))?;
     // Calls in flight at the end are waited for, so this is a little
     // longer than --duration.
     let seconds = start.elapsed().as_secs_f64();
-    let client_cpu = cpu_time("self").unwrap_or_default().saturating_sub(client_cpu_before).as_secs_f64();
-    let server_cpu = server_cpu_before
-        .and_then(|before| Some(cpu_time(server_pid.as_deref()?)?.saturating_sub(before).as_secs_f64()));
+    let (client_cpu, server_cpu) = cpu.used();
     let per_reply = |cpu: f64| cpu * 1e6 / total.replies.max(1) as f64;
     let name = match args.protocol {
         Protocol::Grpc => "grpc IdService/Next",
@@ -154,16 +142,7 @@ pub(crate) fn run(args: RpcArgs) -> anyhow::Result<()> {
         server_cpu_seconds: server_cpu,
         server_cpu_us_per_reply: server_cpu.map(per_reply),
     };
-    summary.print(args.json.as_deref() == Some("-"));
-    if let Some(path) = &args.json {
-        let json = serde_json::to_string_pretty(&summary)?;
-        if path == "-" {
-            println!("{json}");
-        } else {
-            std::fs::write(path, json + "\n").with_context(|| format!("cannot write --json {path}"))?;
-        }
-    }
-    Ok(())
+    summary.emit(args.output.json.as_deref())
 }
 
 /// Opens the connections, runs every caller until `end`, and merges their
