@@ -7,6 +7,8 @@ A/B/A/B, and reports the median of the repetitions and the ratio. Run from
 the repository root after `cargo build --release --workspace`:
 
     python3 perf/bench.py [--seconds 3] [--reps 3] [--only single,bulk,latency,rss,limits,steering]
+    python3 perf/bench.py --only protocols      # UDP vs gRPC Next vs HTTP /ids, 1 and 1,000 IDs per call
+    python3 perf/bench.py --only python         # the Python client (clients/python/bench.py)
     python3 perf/bench.py --only builds --baseline-bin OTHER/tradeid --baseline-label "before X"
 
 Prints Markdown tables (the ones in perf.md).
@@ -31,8 +33,13 @@ class Server:
 
     def __init__(self, argv):
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.grpc = self.admin = None  # with --grpc / --admin
         for line in self.proc.stdout:
-            if line.startswith("listening on "):
+            if line.startswith("grpc listening on "):
+                self.grpc = line.split()[-1]
+            elif line.startswith("admin listening on "):
+                self.admin = line.split()[-1]
+            elif line.startswith("listening on "):
                 self.addr = line.split()[-1]
                 return
         raise RuntimeError(f"{argv[0]} did not start")
@@ -53,12 +60,12 @@ class Server:
             self.proc.wait()
 
 
-def tradeid(workers, extra=(), binary=None, init_extra=()):
+def tradeid(workers, extra=(), binary=None, init_extra=(), max_batch=175):
     binary = binary or TRADEID
     state = os.path.join(tempfile.mkdtemp(prefix="tradeid-bench-"), "state")
     subprocess.run([binary, "init", "--state", state, *init_extra], check=True, stdout=subprocess.DEVNULL)
     return Server([binary, "serve", "--state", state, "--listen", "127.0.0.1:0", "--workers", str(workers),
-                   "--max-batch", "175", *extra])
+                   "--max-batch", str(max_batch), *extra])
 
 
 def echo(workers, reply_len, cpus=None):
@@ -196,6 +203,84 @@ def cluster(o):
         etcd.stop()
 
 
+def rpc_load(server, target, seconds, args):
+    """`loadgen rpc` (gRPC or HTTP) against `target`, a listener of `server`."""
+    out = subprocess.run([LOADGEN, "rpc", "--target", target, "--duration", str(seconds), "--quiet",
+                          "--server-pid", str(server.proc.pid), "--json", "-", *args],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def protocols(o):
+    """UDP, gRPC Next and HTTP /ids side by side, at 1 and 1,000 IDs per
+    call, from one Rust client (loadgen) on CPU 0 with 64 calls in flight,
+    against one server (its UDP worker on CPU 1), rotated in one run.
+
+    The client is Rust on a core of its own so that the server is what is
+    measured (a Python grpcio client tops out far below the server); the
+    server's CPU time per call and per ID, from /proc, compares what each
+    protocol costs the server whatever the client's speed."""
+    print("\n### Protocols: UDP vs gRPC `Next` vs HTTP `/ids` (server: 1 UDP worker on CPU 1, `--max-batch 1000`; "
+          "client: loadgen on CPU 0, 64 calls in flight)\n")
+    print("UDP: 4 sockets x window 16; a call for 1,000 IDs is 6 datagrams of at most 175 IDs (one MTU; the "
+          "default --max-batch), so that row is loadgen --batch 175 counted per 1,000 IDs (its latency is per "
+          "datagram). gRPC: 4 HTTP/2 connections x 16 concurrent calls. HTTP/1.1: 64 keep-alive connections, one "
+          "call each. The gRPC runtime and the admin listener run on threads of their own, not pinned. Server CPU "
+          "is the whole process's, per answered call.\n")
+    print("| IDs per call | protocol | calls/s | IDs/s | calls/s vs UDP | server CPU us/call | server CPU ns/ID | "
+          "client CPU us/call | p50 us | p99 us | lost + errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def make():
+        return tradeid(1, ["--cpus", "1", "--grpc", "127.0.0.1:0", "--admin", "127.0.0.1:0"], max_batch=1000)
+
+    for count in (1, 1000):
+        per_datagram = min(count, 175)
+        cases = [
+            ("UDP", lambda s: load(s, o.seconds, ["--sockets", "4", "--window", "16", "--cpus", "0",
+                                                  "--batch", str(per_datagram)])),
+            ("gRPC", lambda s: rpc_load(s, s.grpc, o.seconds, ["--protocol", "grpc", "--count", str(count),
+                                                               "--connections", "4", "--window", "16", "--cpu", "0"])),
+            ("HTTP", lambda s: rpc_load(s, s.admin, o.seconds, ["--protocol", "http", "--count", str(count),
+                                                                "--connections", "4", "--window", "16", "--cpu", "0"])),
+        ]
+        runs = {name: [] for name, _ in cases}
+        for _ in range(o.reps):
+            for name, run in cases:
+                server = make()
+                try:
+                    time.sleep(0.2)
+                    runs[name].append(run(server))
+                finally:
+                    server.stop()
+        udp = med(runs["UDP"], "ids_per_second") / count
+        for name, _ in cases:
+            r = runs[name]
+            # Per call of `count` IDs (UDP: `count / per_datagram` datagrams).
+            scale = count / per_datagram if name == "UDP" else 1
+            ids = med(r, "ids_per_second")
+            calls = ids / count
+            cpu = med(r, "server_cpu_us_per_reply") * scale
+            client = med(r, "client_cpu_us_per_reply") * scale
+            failed = sum(x["lost"] + x["malformed"] + sum(x["errors"].values()) for x in r)
+            p50 = statistics.median(x["latency_us"]["p50"] for x in r)
+            p99 = statistics.median(x["latency_us"]["p99"] for x in r)
+            label = f"UDP ({count // per_datagram + (count % per_datagram > 0)} datagrams)" if scale > 1 else name
+            print(f"| {count:,} | {label} | {calls:,.0f} | {ids:,.0f} | {calls / udp:.3f} | {cpu:.2f} | "
+                  f"{cpu * 1000 / count:,.1f} | {client:.2f} | {p50:,.0f} | {p99:,.0f} | {failed} |")
+            sys.stdout.flush()
+
+
+def python(o):
+    """The Python client's own benchmark (clients/python/bench.py): UDP
+    generate_bulk and generate() vs HTTP /ids and /id driven from Python,
+    against this release build, alternated in one run."""
+    print("\n### The Python client (clients/python/bench.py)\n")
+    sys.stdout.flush()
+    subprocess.run([sys.executable, os.path.join(ROOT, "clients/python/bench.py"), "--bin", TRADEID,
+                    "--reps", str(o.reps), "--seconds", str(o.seconds), "--bulk", str(o.python_bulk)], check=True)
+
+
 def med(runs, key):
     return statistics.median(r[key] for r in runs)
 
@@ -298,7 +383,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--seconds", type=float, default=3)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--only", default="single,bulk,latency,rss,limits,steering,cluster")
+    p.add_argument("--only", default="single,bulk,latency,rss,limits,steering,cluster,protocols,python")
+    p.add_argument("--python-bulk", type=int, default=5_000_000, help="for --only python: IDs per generate_bulk call")
     p.add_argument("--baseline-bin", help="for --only builds: a tradeid binary from another commit")
     p.add_argument("--baseline-label", default="baseline", help="what to call --baseline-bin in the table")
     o = p.parse_args()

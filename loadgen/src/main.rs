@@ -1,16 +1,19 @@
 //! loadgen: a UDP load generator for tradeid (and any request/response UDP
-//! service), plus the echo baseline it is compared against.
+//! service), plus the echo baseline it is compared against, and a gRPC and
+//! HTTP load mode to compare those protocols with UDP.
 //!
 //! - `schedule`: open-loop intended send times (fixed or Poisson).
 //! - `matcher`: reply judging, FIFO matching, duplicate counting.
 //! - `drive`: the generator threads.
 //! - `report`: tallies, merging, the summary and its JSON.
 //! - `echo`: the echo baseline server.
+//! - `rpc`: `loadgen rpc`, closed-loop gRPC or HTTP load.
 
 mod drive;
 mod echo;
 mod matcher;
 mod report;
+mod rpc;
 mod schedule;
 mod sockets;
 
@@ -24,7 +27,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::drive::{Live, Plan};
 use crate::matcher::{count_duplicates, Expect};
-use crate::report::{cpu_time, new_histogram, Latency, Summary, Tally};
+use crate::report::{new_histogram, CpuMeter, Latency, Summary, Tally};
 
 /// A UDP load generator for tradeid, with an echo baseline.
 #[derive(Debug, Parser)]
@@ -40,6 +43,23 @@ struct Cli {
 enum Command {
     /// Serve the echo baseline: same batching as tradeid, constant replies.
     Echo(echo::EchoArgs),
+    /// Load a tradeid server over gRPC (Next) or HTTP (/ids) instead of UDP.
+    Rpc(rpc::RpcArgs),
+}
+
+/// Where the summary goes, and whose CPU it counts (both load modes).
+#[derive(Debug, Args)]
+pub(crate) struct Output {
+    /// Write the summary as JSON to this file ("-" for standard output, with
+    /// the human summary moved to standard error).
+    #[arg(long)]
+    pub(crate) json: Option<String>,
+    /// Also report the CPU time of this process (the server) per reply.
+    #[arg(long)]
+    pub(crate) server_pid: Option<u32>,
+    /// No progress lines.
+    #[arg(long)]
+    pub(crate) quiet: bool,
 }
 
 /// Load options.
@@ -92,16 +112,8 @@ struct RunArgs {
     /// (8 bytes of memory per ID).
     #[arg(long)]
     check_unique: bool,
-    /// Write the summary as JSON to this file ("-" for standard output, with
-    /// the human summary moved to standard error).
-    #[arg(long)]
-    json: Option<String>,
-    /// Also report the CPU time of this process (the server) per reply.
-    #[arg(long)]
-    server_pid: Option<u32>,
-    /// No progress lines.
-    #[arg(long)]
-    quiet: bool,
+    #[command(flatten)]
+    output: Output,
     /// Seed for Poisson gaps.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -111,6 +123,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Echo(args)) => echo::run(args),
+        Some(Command::Rpc(args)) => rpc::run(args),
         None => run(cli.run),
     };
     if let Err(e) = result {
@@ -164,9 +177,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         cpus: args.cpus.clone(),
     });
 
-    let server_pid = args.server_pid.map(|p| p.to_string());
-    let server_cpu_before = server_pid.as_deref().and_then(cpu_time);
-    let client_cpu_before = cpu_time("self").unwrap_or_default();
+    let cpu = CpuMeter::start(args.output.server_pid);
     let live = Arc::new(Live::default());
     let (progress_tx, progress_rx) = std::sync::mpsc::channel();
     let start = Instant::now();
@@ -188,7 +199,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         if received % args.threads == 0 {
             let replies = live.replies.load(Ordering::Relaxed);
             let secs = last.1.elapsed().as_secs_f64();
-            if !args.quiet {
+            if !args.output.quiet {
                 eprintln!(
                     "{:>5.1}s  {:>10.0} replies/s  p50 {:>6} us  p99 {:>6} us  lost {}",
                     start.elapsed().as_secs_f64(),
@@ -207,9 +218,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         total.merge(t.join().map_err(|_| anyhow::anyhow!("a generator thread panicked"))??);
     }
     let seconds = plan.duration.as_secs_f64().min(start.elapsed().as_secs_f64());
-    let client_cpu = cpu_time("self").unwrap_or_default().saturating_sub(client_cpu_before).as_secs_f64();
-    let server_cpu = server_cpu_before
-        .and_then(|before| Some(cpu_time(server_pid.as_deref()?)?.saturating_sub(before).as_secs_f64()));
+    let (client_cpu, server_cpu) = cpu.used();
     let duplicates = args.check_unique.then(|| count_duplicates(&mut total.id_values));
     let per_reply = |cpu: f64| cpu * 1e6 / total.replies.max(1) as f64;
     let achieved = total.sent as f64 / seconds;
@@ -239,17 +248,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if summary.generator_fell_behind {
         eprintln!("loadgen: warning: the generator fell behind its schedule ({} late sends); the results understate what the server can do", summary.late_sends);
     }
-    // With `--json -`, standard output carries only the JSON.
-    summary.print(args.json.as_deref() == Some("-"));
-    if let Some(path) = &args.json {
-        let json = serde_json::to_string_pretty(&summary)?;
-        if path == "-" {
-            println!("{json}");
-        } else {
-            std::fs::write(path, json + "\n").with_context(|| format!("cannot write --json {path}"))?;
-        }
-    }
-    Ok(())
+    summary.emit(args.output.json.as_deref())
 }
 
 /// Whether an open-loop generator failed to keep its schedule: it sent

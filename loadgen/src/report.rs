@@ -170,6 +170,49 @@ impl Summary {
     }
 }
 
+impl Summary {
+    /// Prints the summary for people and writes it as JSON to `json` ("-":
+    /// standard output, which then carries only the JSON; the summary goes
+    /// to standard error).
+    pub(crate) fn emit(&self, json: Option<&str>) -> anyhow::Result<()> {
+        self.print(json == Some("-"));
+        if let Some(path) = json {
+            let text = serde_json::to_string_pretty(self)?;
+            if path == "-" {
+                println!("{text}");
+            } else {
+                std::fs::write(path, text + "\n").map_err(|e| anyhow::anyhow!("cannot write --json {path}: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// CPU time used since it was started: by this process, and by the server
+/// process given (`--server-pid`), if any.
+pub(crate) struct CpuMeter {
+    server_pid: Option<String>,
+    server_before: Option<Duration>,
+    client_before: Duration,
+}
+
+impl CpuMeter {
+    pub(crate) fn start(server_pid: Option<u32>) -> CpuMeter {
+        let server_pid = server_pid.map(|p| p.to_string());
+        let server_before = server_pid.as_deref().and_then(cpu_time);
+        CpuMeter { server_pid, server_before, client_before: cpu_time("self").unwrap_or_default() }
+    }
+
+    /// Seconds of CPU since the start: (this process, the server).
+    pub(crate) fn used(&self) -> (f64, Option<f64>) {
+        let client = cpu_time("self").unwrap_or_default().saturating_sub(self.client_before).as_secs_f64();
+        let server = self
+            .server_before
+            .and_then(|before| Some(cpu_time(self.server_pid.as_deref()?)?.saturating_sub(before).as_secs_f64()));
+        (client, server)
+    }
+}
+
 /// CPU time (user + system) of a process from /proc/PID/stat.
 pub(crate) fn cpu_time(pid: &str) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

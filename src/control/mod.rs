@@ -21,7 +21,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tradeid::state::{Integrity, StateError};
 
 use crate::dataplane::Server;
-use metrics::{Observer, Readiness};
+use metrics::Observer;
 use systemd::Notifier;
 
 /// What the control plane needs besides the running data plane.
@@ -68,7 +68,7 @@ async fn control(server: Server, config: Config) -> anyhow::Result<()> {
         tracing::info!(%bound, "admin HTTP listening");
         announce(&format!("admin listening on {bound}"));
     }
-    let grpc = match config.grpc {
+    let mut grpc = match config.grpc {
         None => None,
         Some(addr) => {
             let server = grpc::GrpcServer::start(addr, Arc::clone(&observer), config.policy.clone())?;
@@ -131,8 +131,8 @@ async fn control(server: Server, config: Config) -> anyhow::Result<()> {
                 }
                 capacity.check(observer.used_fraction());
                 send_errors.check(observer.send_failures());
-                if let Some(grpc) = &grpc {
-                    grpc.set_serving(matches!(observer.readiness(), Readiness::Ready(_))).await;
+                if let Some(grpc) = grpc.as_mut() {
+                    grpc.update_health().await;
                 }
                 // Every second, whether traffic flows or not: is the state
                 // file at its path still the one we write? (Off the runtime:
@@ -166,7 +166,7 @@ async fn control(server: Server, config: Config) -> anyhow::Result<()> {
     // From here on the server is stopping: /readyz and gRPC health say so,
     // and gRPC calls in progress end.
     observer.running.store(false, Ordering::Relaxed);
-    if let Some(grpc) = grpc {
+    if let Some(mut grpc) = grpc {
         grpc.set_serving(false).await;
         tokio::task::spawn_blocking(move || grpc.stop()).await.context("stopping the gRPC listener")?;
     }

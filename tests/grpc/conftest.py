@@ -30,12 +30,19 @@ def stubs():
     if not plugin or not protoc:
         pytest.fail("protoc and grpc_python_plugin are needed (apt-get install protobuf-compiler protobuf-compiler-grpc)")
     out = tempfile.mkdtemp(prefix="tradeid-grpc-stubs-")
-    files = ["tradeid/v1/tradeid.proto", "grpc/health/v1/health.proto", "grpc/reflection/v1/reflection.proto"]
+    files = [
+        "tradeid/v1/tradeid.proto",
+        "grpc/health/v1/health.proto",
+        "grpc/reflection/v1/reflection.proto",
+        "grpc/reflection/v1alpha/reflection.proto",
+    ]
     subprocess.run(
         [protoc, f"-I{PROTO}", f"--python_out={out}", f"--grpc_out={out}", f"--plugin=protoc-gen-grpc={plugin}", *files],
         check=True,
     )
-    for package in ["tradeid", "tradeid/v1", "grpc", "grpc/health", "grpc/health/v1", "grpc/reflection", "grpc/reflection/v1"]:
+    packages = ["tradeid", "tradeid/v1", "grpc", "grpc/health", "grpc/health/v1", "grpc/reflection",
+                "grpc/reflection/v1", "grpc/reflection/v1alpha"]
+    for package in packages:
         open(os.path.join(out, package, "__init__.py"), "a").close()
     # The generated `grpc` package would shadow grpcio's: load ours under
     # another name.
@@ -55,6 +62,8 @@ def stubs():
         "health_rpc": importlib.import_module("grpcproto.health.v1.health_pb2_grpc"),
         "refl_pb": importlib.import_module("grpcproto.reflection.v1.reflection_pb2"),
         "refl_rpc": importlib.import_module("grpcproto.reflection.v1.reflection_pb2_grpc"),
+        "refl_alpha_pb": importlib.import_module("grpcproto.reflection.v1alpha.reflection_pb2"),
+        "refl_alpha_rpc": importlib.import_module("grpcproto.reflection.v1alpha.reflection_pb2_grpc"),
     }
     yield mods
     shutil.rmtree(out, ignore_errors=True)

@@ -2,6 +2,9 @@
 with stubs generated from the proto at test time. Uniqueness is checked on
 the IDs themselves."""
 import re
+import shutil
+import signal
+import subprocess
 import threading
 import time
 import urllib.request
@@ -81,24 +84,110 @@ def test_limits_are_invalid_argument(server, stubs):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_health_is_serving_while_ready(server, stubs):
+def health_of(server, stubs, service=""):
     health = stubs["health_rpc"].HealthStub(channel(server))
-    req = stubs["health_pb"].HealthCheckRequest
+    return health.Check(stubs["health_pb"].HealthCheckRequest(service=service), timeout=5).status
+
+
+def wait_for_health(server, stubs, want, within=15):
+    """Polls Check (both names) until it reports `want`; fails after `within` s."""
+    deadline = time.time() + within
+    while True:
+        got = [health_of(server, stubs, name) for name in ("", "tradeid.v1.IdService")]
+        if got == [want, want]:
+            return
+        assert time.time() < deadline, f"health stayed {got}, wanted {want}"
+        time.sleep(0.1)
+
+
+def test_health_is_serving_while_ready(server, stubs):
     serving = stubs["health_pb"].HealthCheckResponse.SERVING
-    assert health.Check(req(service=""), timeout=5).status == serving
-    assert health.Check(req(service="tradeid.v1.IdService"), timeout=5).status == serving
+    # Right after "listening on", not only after the first housekeeping tick.
+    assert health_of(server, stubs, "tradeid.v1.IdService") == serving
+    assert health_of(server, stubs) == serving
+    with pytest.raises(grpc.RpcError) as e:
+        health_of(server, stubs, "no.such.Service")
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_reflection_lists_and_describes_the_service(server, stubs):
-    refl = stubs["refl_rpc"].ServerReflectionStub(channel(server))
-    pb = stubs["refl_pb"]
-    replies = list(refl.ServerReflectionInfo(iter([
+def test_health_is_not_serving_while_a_worker_is_stalled(make_server, stubs, tmp_path):
+    # Test hook: while the stall file exists, UDP worker 0 (the only one
+    # here) is wedged and its heartbeat stops.
+    stall = tmp_path / "stall"
+    server = make_server(env={"TRADEID_TEST_STALL_FILE": str(stall)})
+    assert any("test hooks are active" in line for line in server.stderr), (
+        f"{server.proc.args[0]} was built without test hooks: build it with `cargo test` (not `cargo build`)")
+    pb = stubs["health_pb"]
+    watch = stubs["health_rpc"].HealthStub(channel(server)).Watch(pb.HealthCheckRequest(service=""), timeout=60)
+    seen = [next(watch).status]
+    assert seen == [pb.HealthCheckResponse.SERVING]
+    stall.touch()
+    wait_for_health(server, stubs, pb.HealthCheckResponse.NOT_SERVING)
+    # gRPC itself still answers (it has its own generator handle): only
+    # the health of the UDP plane changed.
+    ids = stubs["rpc"].IdServiceStub(channel(server)).Next(stubs["pb"].NextRequest(count=10), timeout=5).ids
+    assert len(set(ids)) == 10
+    stall.unlink()
+    wait_for_health(server, stubs, pb.HealthCheckResponse.SERVING)
+    # Watch sends one message per change, not one per second.
+    seen += [next(watch).status, next(watch).status]
+    assert seen == [pb.HealthCheckResponse.SERVING, pb.HealthCheckResponse.NOT_SERVING,
+                    pb.HealthCheckResponse.SERVING]
+    watch.cancel()
+    assert any("NOT_SERVING" in line and "heartbeat" in line for line in server.stderr), "".join(server.stderr)
+
+
+def test_health_is_not_serving_once_the_server_stops(server, stubs):
+    pb = stubs["health_pb"]
+    statuses = []
+    ended = []
+
+    def watch():
+        stub = stubs["health_rpc"].HealthStub(channel(server))
+        try:
+            for reply in stub.Watch(pb.HealthCheckRequest(service="tradeid.v1.IdService"), timeout=30):
+                statuses.append(reply.status)
+        except grpc.RpcError as e:
+            ended.append(e.code())
+        else:
+            ended.append("end")
+
+    t = threading.Thread(target=watch)
+    t.start()
+    deadline = time.time() + 10
+    while not statuses:
+        assert time.time() < deadline, "no first health message"
+        time.sleep(0.01)
+    server.proc.send_signal(signal.SIGTERM)
+    t.join(20)
+    assert not t.is_alive(), "the Watch call hung after the server stopped"
+    assert statuses == [pb.HealthCheckResponse.SERVING, pb.HealthCheckResponse.NOT_SERVING], (statuses, ended)
+    assert server.proc.wait(10) == 0
+
+
+def reflect(server, pb, rpc):
+    refl = rpc.ServerReflectionStub(channel(server))
+    return list(refl.ServerReflectionInfo(iter([
         pb.ServerReflectionRequest(list_services=""),
         pb.ServerReflectionRequest(file_containing_symbol="tradeid.v1.IdService"),
     ]), timeout=5))
-    names = [s.name for s in replies[0].list_services_response.service]
-    assert "tradeid.v1.IdService" in names and "grpc.health.v1.Health" in names
-    assert replies[1].file_descriptor_response.file_descriptor_proto, "a descriptor for the service"
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+def test_reflection_lists_and_describes_the_service(server, stubs, version):
+    from google.protobuf import descriptor_pb2
+
+    pb, rpc = (stubs["refl_pb"], stubs["refl_rpc"]) if version == "v1" else (
+        stubs["refl_alpha_pb"], stubs["refl_alpha_rpc"])
+    listed, described = reflect(server, pb, rpc)
+    names = {s.name for s in listed.list_services_response.service}
+    assert {"tradeid.v1.IdService", "grpc.health.v1.Health"} <= names
+    assert f"grpc.reflection.{version}.ServerReflection" in names
+    files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
+             for raw in described.file_descriptor_response.file_descriptor_proto]
+    service = {f.name: f for f in files}["tradeid/v1/tradeid.proto"].service[0]
+    assert service.name == "IdService"
+    assert [m.name for m in service.method] == ["Next", "Stream"]
 
 
 def test_exhausted_space_is_resource_exhausted(make_server, stubs):
@@ -164,10 +253,33 @@ def test_shutdown_mid_stream_ends_the_stream_cleanly(server, stubs):
     while len(got) < 50_000:
         assert time.time() < deadline, "the stream never started"
         time.sleep(0.01)
-    import signal
     server.proc.send_signal(signal.SIGTERM)
     t.join(20)
     assert not t.is_alive(), "the client hung after the server stopped"
     assert errors and errors[0] in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), errors
     assert len(got) == len(set(got))
     assert server.proc.wait(10) == 0
+
+
+def test_accepted_connections_get_nodelay_and_keepalive(server, stubs, tmp_path):
+    """The socket options are set on every accepted connection (tonic's
+    builder options do not reach a listener it did not bind). Without
+    TCP_NODELAY, large replies wait on delayed ACKs. Seen with strace
+    attached to the running server, so nothing is timed."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.fail("strace is needed (apt-get install strace)")
+    trace = tmp_path / "trace"
+    tracer = subprocess.Popen([strace, "-f", "-p", str(server.proc.pid), "-e", "trace=setsockopt", "-o", str(trace)],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        attached = tracer.stderr.readline()
+        assert "attached" in attached, attached
+        stub = stubs["rpc"].IdServiceStub(channel(server))
+        assert len(stub.Next(stubs["pb"].NextRequest(count=1000), timeout=10).ids) == 1000
+    finally:
+        tracer.terminate()  # detaches; the server goes on
+        tracer.wait(10)
+    calls = trace.read_text()
+    assert "TCP_NODELAY, [1]" in calls, calls
+    assert "SO_KEEPALIVE, [1]" in calls and "TCP_KEEPIDLE, [60]" in calls, calls

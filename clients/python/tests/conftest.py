@@ -116,6 +116,16 @@ def server(start_server: StartServer) -> Server:
 
 
 @pytest.fixture
+def localhost_server(start_server: StartServer) -> str:
+    """A server on whatever "localhost" resolves to first (as the client
+    uses it); returns ``"localhost:PORT"``."""
+    family, _, _, _, sockaddr = socket.getaddrinfo("localhost", 0, type=socket.SOCK_DGRAM)[0]
+    host = sockaddr[0] if family == socket.AF_INET else f"[{sockaddr[0]}]"
+    server = start_server(listen=f"{host}:0")
+    return f"localhost:{server.addr.rsplit(':', 1)[1]}"
+
+
+@pytest.fixture
 def silent_server() -> Iterator[socket.socket]:
     """A bound UDP socket that receives requests and never answers."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

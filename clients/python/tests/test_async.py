@@ -131,3 +131,15 @@ def test_async_unavailable_is_retried(start_server: StartServer) -> None:
 
     assert_ids(run(main()), 16_000)
     assert server.error_replies(503) > 0, "no !ERR503 seen: a build without test hooks?"
+
+
+def test_names_are_looked_up_at_use_and_skipped_if_unresolvable(localhost_server: str) -> None:
+    async def main() -> List[str]:
+        async with tradeid.AsyncClient("nonexistent.invalid:7070") as lonely:
+            with pytest.raises(tradeid.ResolveError) as info:
+                await lonely.next_id()
+            assert info.value.servers == ["nonexistent.invalid:7070"]
+        async with tradeid.AsyncClient(["nonexistent.invalid:7070", localhost_server]) as client:
+            return [await client.next_id()] + await client.next_ids(500)
+
+    assert_ids(run(main()), 501)

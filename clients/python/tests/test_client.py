@@ -6,7 +6,7 @@ import os
 import socket
 import threading
 import time
-from typing import List
+from typing import Any, Callable, List
 
 import pytest
 from conftest import StartServer
@@ -159,22 +159,17 @@ def test_ipv6(start_server: StartServer) -> None:
         assert_ids(client.next_ids(500) + [client.next_id()], 501)
 
 
-def test_hostname(start_server: StartServer) -> None:
-    # Serve on whatever "localhost" resolves to first, as the client uses it.
-    family, _, _, _, sockaddr = socket.getaddrinfo("localhost", 0, type=socket.SOCK_DGRAM)[0]
-    host = sockaddr[0] if family == socket.AF_INET else f"[{sockaddr[0]}]"
-    server = start_server(listen=f"{host}:0")
-    port = server.addr.rsplit(":", 1)[1]
-    with tradeid.Client(f"localhost:{port}") as client:
+def test_hostname(localhost_server: str) -> None:
+    with tradeid.Client(localhost_server) as client:
         assert_ids(client.next_ids(10), 10)
 
 
 def test_bad_configuration() -> None:
-    for bad in ["", "nohost", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:99999", "::1:7070", "[::1]7070", "host:port"]:
+    bad_addresses = ["", "nohost", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:99999", "::1:7070", "[::1]7070",
+                     "host:port", "two words:7070", "a..b:7070", "x" * 64 + ".example:7070"]
+    for bad in bad_addresses:
         with pytest.raises(tradeid.ConfigError):
             tradeid.Client(bad)
-    with pytest.raises(tradeid.ConfigError):
-        tradeid.Client("no-such-host.invalid:7070")
     for kwargs in [{"timeout": 0}, {"timeout": -1}, {"attempts": 0}, {"max_batch": 0}, {"max_batch": 9359}]:
         with pytest.raises(tradeid.ConfigError):
             tradeid.Client("127.0.0.1:7070", **kwargs)
@@ -242,3 +237,84 @@ def test_a_forked_child_gets_its_own_sockets(server: Server, monkeypatch: pytest
     text = b"".join(chunks).decode()
     child_ids = [text[i : i + 7] for i in range(0, len(text), 7)]
     assert_ids(parent_ids + child_ids, 600 + 510)
+
+
+# ---------------------------------------------------------------------------
+# Host names: looked up when first used, and again after a server fails.
+
+UNRESOLVABLE = "nonexistent.invalid:7070"  # .invalid never resolves (RFC 6761)
+
+
+def test_a_name_that_does_not_resolve_fails_at_use_not_creation() -> None:
+    client = tradeid.Client(UNRESOLVABLE)  # no lookup yet: creating never fails on DNS
+    calls: List[Callable[[], object]] = [client.next_id, lambda: client.next_ids(500)]
+    for call in calls:
+        started = time.monotonic()
+        with pytest.raises(tradeid.ResolveError) as info:
+            call()
+        assert time.monotonic() - started < 5
+        assert info.value.servers == [UNRESOLVABLE]
+        assert "nonexistent.invalid" in str(info.value) and "DNS" in str(info.value)
+        assert isinstance(info.value.__cause__, OSError)
+        assert not isinstance(info.value, tradeid.ConfigError)
+    client.close()
+
+
+def test_failover_past_a_name_that_does_not_resolve(localhost_server: str) -> None:
+    with tradeid.Client([UNRESOLVABLE, localhost_server]) as client:
+        assert_ids([client.next_id()] + client.next_ids(1000), 1001)
+
+
+def test_generate_with_a_name_that_does_not_resolve(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRADEID_SERVERS", UNRESOLVABLE)
+    tradeid.reset_default_client()
+    with pytest.raises(tradeid.ResolveError):
+        tradeid.generate()
+    monkeypatch.setenv("TRADEID_SERVERS", f"{UNRESOLVABLE},{server.addr}")
+    tradeid.reset_default_client()
+    assert_ids([tradeid.generate()] + tradeid.generate_bulk(10), 11)
+
+
+def test_unresolved_and_silent_is_a_timeout_naming_both(silent_server: socket.socket) -> None:
+    with tradeid.Client([UNRESOLVABLE, address(silent_server)], timeout=0.05, attempts=2) as client:
+        with pytest.raises(tradeid.Timeout) as info:
+            client.next_id()
+    assert list(info.value.unresolved) == [UNRESOLVABLE]
+    assert f"{UNRESOLVABLE} did not resolve" in str(info.value)
+
+
+def test_a_server_that_moved_is_found_once_its_old_address_fails(
+    start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DNS is played by a patched getaddrinfo for one made-up name; the
+    servers are real. While the server answers its name is not looked up
+    again; once it stops answering, the next use looks the name up anew."""
+    old, new = start_server(), start_server()
+    where = {"ids.tradeid.test": old.addr}
+    lookups: List[str] = []
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host in where:
+            lookups.append(host)
+            ip, real_port = where[host].rsplit(":", 1)
+            return real_getaddrinfo(ip, int(real_port), *args, **kwargs)
+        return real_getaddrinfo(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    client = tradeid.Client("ids.tradeid.test:7070", timeout=0.1, attempts=2)
+    ids = [client.next_id() for _ in range(100)] + client.next_ids(1000)
+    assert len(lookups) == 1, "a healthy server is not looked up again"
+    old.kill()
+    where["ids.tradeid.test"] = new.addr  # the name moves to the new server
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            ids.append(client.next_id())
+            break
+        except tradeid.Timeout:  # the call that found the old address dead
+            assert time.monotonic() < deadline, "never looked the name up again"
+    ids += client.next_ids(1000)
+    assert len(lookups) == 2
+    assert_ids(ids, 2101)
+    client.close()

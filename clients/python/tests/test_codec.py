@@ -1,12 +1,13 @@
 """tradeid.parse and tradeid.is_valid, driven by the shared vectors file
-(tests/vectors/ids.json, also read by the Rust tests)."""
+(tests/vectors/ids.json, also read by the Rust tests in
+core/tests/vectors.rs)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import pytest
 from support import VECTORS
@@ -14,48 +15,71 @@ from support import VECTORS
 import tradeid
 
 DOC: Dict[str, Any] = json.loads(VECTORS.read_text(encoding="utf-8"))
-VALID: List[Dict[str, Any]] = DOC["plain"]["valid"]
-INVALID: List[Dict[str, Any]] = DOC["plain"]["invalid"]
+#: The mode sections: every top-level object (the other fields describe the
+#: file). Each is parsed with ``mode=<its name>``, so a mode added to the
+#: file that the Python codec does not know fails here.
+MODES: Dict[str, Dict[str, Any]] = {name: v for name, v in DOC.items() if isinstance(v, dict)}
+VALID: List[Tuple[str, Dict[str, Any]]] = [(m, c) for m, s in MODES.items() for c in s["valid"]]
+INVALID: List[Tuple[str, Dict[str, Any]]] = [(m, c) for m, s in MODES.items() for c in s["invalid"]]
+PLAIN_VALID = [c for m, c in VALID if m == "plain"]
+PLAIN_INVALID = [c for m, c in INVALID if m == "plain"]
 
 
 def test_vectors_file_is_well_formed() -> None:
     assert DOC["version"] == 1
     assert DOC["alphabet"] == tradeid.ALPHABET
-    assert len(VALID) >= 20 and len(INVALID) >= 20
-    for case in VALID:
+    assert "plain" in MODES
+    assert set(DOC) - set(MODES) == {"description", "version", "alphabet"}
+    assert len(PLAIN_VALID) >= 20 and len(PLAIN_INVALID) >= 20
+    for _, case in VALID:
         assert set(case) <= {"input", "canonical", "note"}
+        assert isinstance(case["input"], str) and isinstance(case["canonical"], str)
+    for case in PLAIN_VALID:
         assert len(case["canonical"]) == 7
-    for case in INVALID:
+    for case in PLAIN_INVALID:
         assert case["reason"] in ("invalid_char", "length")
         if case["reason"] == "invalid_char":
+            assert set(case) <= {"input", "reason", "char", "position", "note"}
             assert len(case["char"]) == 1 and isinstance(case["position"], int)
         else:
+            assert set(case) <= {"input", "reason", "digits", "note"}
             assert isinstance(case["digits"], int)
 
 
-@pytest.mark.parametrize("case", VALID, ids=[repr(c["input"]) for c in VALID])
-def test_valid(case: Dict[str, Any]) -> None:
-    assert tradeid.parse(case["input"]) == case["canonical"]
-    assert tradeid.is_valid(case["input"])
+def _ids(cases: List[Tuple[str, Dict[str, Any]]]) -> List[str]:
+    return [f"{mode}:{case['input']!r}" for mode, case in cases]
+
+
+@pytest.mark.parametrize("mode,case", VALID, ids=_ids(VALID))
+def test_valid(mode: Any, case: Dict[str, Any]) -> None:
+    assert tradeid.parse(case["input"], mode=mode) == case["canonical"]
+    assert tradeid.is_valid(case["input"], mode=mode)
     # The canonical form is a fixed point.
-    assert tradeid.parse(case["canonical"]) == case["canonical"]
+    assert tradeid.parse(case["canonical"], mode=mode) == case["canonical"]
 
 
-@pytest.mark.parametrize("case", INVALID, ids=[repr(c["input"]) for c in INVALID])
-def test_invalid(case: Dict[str, Any]) -> None:
-    assert not tradeid.is_valid(case["input"])
+@pytest.mark.parametrize("mode,case", INVALID, ids=_ids(INVALID))
+def test_invalid(mode: Any, case: Dict[str, Any]) -> None:
+    assert not tradeid.is_valid(case["input"], mode=mode)
     with pytest.raises(tradeid.InvalidId) as info:
-        tradeid.parse(case["input"])
+        tradeid.parse(case["input"], mode=mode)
     error = info.value
     assert isinstance(error, ValueError) and isinstance(error, tradeid.TradeIdError)
-    assert error.reason == case["reason"]
     assert error.text == case["input"]
+    # `reason` and every field that goes with it are attributes of the error.
+    for field, value in case.items():
+        if field not in ("input", "note"):
+            assert getattr(error, field) == value, field
+
+
+@pytest.mark.parametrize("case", PLAIN_INVALID, ids=[repr(c["input"]) for c in PLAIN_INVALID])
+def test_plain_messages(case: Dict[str, Any]) -> None:
+    with pytest.raises(tradeid.InvalidId) as info:
+        tradeid.parse(case["input"])
     if case["reason"] == "invalid_char":
-        assert (error.char, error.position) == (case["char"], case["position"])
-        assert f"at position {case['position']}" in str(error)
+        assert f"at position {case['position']}" in str(info.value)
     else:
-        assert error.digits == case["digits"]
-        assert str(error) == f"an ID has exactly 7 characters, found {case['digits']}"
+        assert str(info.value) == f"an ID has exactly 7 characters, found {case['digits']}"
 
 
 def test_messages_match_the_rust_wording() -> None:
@@ -104,7 +128,7 @@ def test_the_rust_parser_agrees_with_the_vectors(tradeid_bin: Path, tmp_path: Pa
     from support import init_state
 
     state = init_state(tradeid_bin, tmp_path)
-    for case in VALID + INVALID:
+    for case in PLAIN_VALID + PLAIN_INVALID:
         text = case["input"]
         if "\x00" in text:
             continue

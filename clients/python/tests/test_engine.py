@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import collections
 import itertools
-from typing import Callable, Deque, Iterator, List, Optional
+import socket
+from typing import Callable, Deque, Iterator, List, Optional, Sequence
 
 import pytest
 from support import assert_ids
@@ -28,14 +29,17 @@ def id_source() -> Iterator[bytes]:
 
 
 class FakeNet:
-    """Runs engine steps against scripted servers; time is virtual."""
+    """Runs engine steps against scripted servers; time is virtual. Servers
+    in ``unresolved`` have a name that does not resolve."""
 
-    def __init__(self, *servers: Behaviour) -> None:
+    def __init__(self, *servers: Behaviour, unresolved: Sequence[int] = ()) -> None:
         self.servers = servers
+        self.unresolved = set(unresolved)
         self.queues: List[Deque[bytes]] = [collections.deque() for _ in servers]
         self.requests: List[List[int]] = [[] for _ in servers]  # counts asked, per server
         self.lengths: List[int] = []  # request datagram lengths
         self.sleeps: List[float] = []
+        self.forgotten: List[int] = []  # servers the engine said to look up again
         self.now = 0.0
 
     def clock(self) -> float:
@@ -46,7 +50,14 @@ class FakeNet:
         try:
             while True:
                 action = steps.send(result)
-                if isinstance(action, _engine.Send):
+                while isinstance(action, _engine.Send) and action.server in self.unresolved:
+                    name = f"10.0.0.{action.server + 1}:7070"
+                    action = steps.throw(tradeid.ResolveError({name: socket.gaierror(-2, "Name or service not known")}))
+                if isinstance(action, _engine.Forget):
+                    self.forgotten.append(action.server)
+                    self.queues[action.server].clear()  # its socket is closed
+                    result = None
+                elif isinstance(action, _engine.Send):
                     count = int.from_bytes(action.payload[4:6], "big")
                     self.requests[action.server].append(count)
                     self.lengths.append(len(action.payload))
@@ -310,3 +321,46 @@ def test_the_window_is_the_clients() -> None:
     assert b"A000001" in a and b"A000002" in a
     assert b"A000000" not in a, "A forgot what fell out of the client's window"
     assert sum(1 for i in range(40) if f"B{i:06d}".encode() in b) <= 20
+
+
+def test_a_name_that_does_not_resolve_is_skipped_for_the_next_server() -> None:
+    net = FakeNet(serving(), serving(), unresolved=[0])
+    client = Client(net)
+    assert_ids(client.take(10) + client.take(500), 510)
+    assert net.requests[0] == [] and sum(net.requests[1]) == 510
+    assert net.forgotten == [0]  # looked up again next time, not cached as failed
+    assert net.sleeps == [], "a failed lookup is not waited on"
+
+
+def test_no_name_resolves_is_a_resolve_error_naming_each() -> None:
+    net = FakeNet(serving(), serving(), unresolved=[0, 1])
+    client = Client(net)
+    with pytest.raises(tradeid.ResolveError) as info:
+        client.take(1)
+    assert info.value.servers == ["10.0.0.1:7070", "10.0.0.2:7070"]
+    assert isinstance(info.value.__cause__, socket.gaierror)
+    assert "10.0.0.1:7070 ([Errno -2] Name or service not known)" in str(info.value)
+    assert "TRADEID_SERVERS" in str(info.value)
+    assert not isinstance(info.value, tradeid.ConfigError)
+    # The next call looks both up again (and here finds the first).
+    net.unresolved = {1}
+    assert_ids(client.take(3), 3)
+
+
+def test_unresolved_and_silent_is_a_timeout_that_names_the_unresolved() -> None:
+    net = FakeNet(silent, serving(), unresolved=[1])
+    client = Client(net)
+    with pytest.raises(tradeid.Timeout) as info:
+        client.take(1)
+    assert list(info.value.unresolved) == ["10.0.0.2:7070"]
+    assert "10.0.0.2:7070 did not resolve" in str(info.value)
+    assert net.forgotten == [0, 1]
+
+
+def test_a_silent_server_is_looked_up_again() -> None:
+    net = FakeNet(silent, serving())
+    client = Client(net)
+    assert_ids(client.take(5), 5)
+    assert net.forgotten == [0]
+    assert_ids(client.take(5), 5)
+    assert net.forgotten == [0], "a server that answers is not looked up again"

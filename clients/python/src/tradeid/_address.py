@@ -1,11 +1,14 @@
-"""Server addresses: ``HOST:PORT``, ``[IPv6]:PORT``; hostnames resolved."""
+"""Server addresses: ``HOST:PORT``, ``[IPv6]:PORT``, parsed when a client
+is created; host names looked up when first used and again after a
+failure (:class:`Targets`)."""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
-from typing import Any, List, NamedTuple, Sequence, Tuple, Union
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-from ._errors import ConfigError
+from ._errors import ConfigError, ResolveError
 
 #: The server used when neither an argument nor TRADEID_SERVERS names one.
 DEFAULT_SERVER = "127.0.0.1:7070"
@@ -56,22 +59,41 @@ def parse_endpoint(text: str) -> Endpoint:
             raise ConfigError(f"server {text!r}: write an IPv6 address in brackets, [{host}]:{port_text}")
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ConfigError(f"server {text!r}: port {port_text!r} is not 1..65535")
+    _check_host(text, host)
     return Endpoint(raw, host, int(port_text))
+
+
+def _check_host(text: str, host: str) -> None:
+    """Refuses, up front, what no lookup could ever resolve."""
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    if any(c.isspace() for c in host):
+        raise ConfigError(f"server {text!r}: the host name {host!r} contains a space")
+    try:
+        host.encode("idna")
+    except UnicodeError as e:
+        raise ConfigError(f"server {text!r}: {host!r} is not a valid host name ({e})") from e
 
 
 def _pick(endpoint: Endpoint, infos: Sequence[Tuple[Any, ...]]) -> Resolved:
     for family, _type, _proto, _name, sockaddr in infos:
         if family in (socket.AF_INET, socket.AF_INET6):
             return Resolved(int(family), tuple(sockaddr))
-    raise ConfigError(f"server {endpoint.text!r} resolves to no IPv4 or IPv6 address")
+    error = OSError(f"{endpoint.host} has no IPv4 or IPv6 address")
+    raise ResolveError({endpoint.text: error}) from error
 
 
 def resolve(endpoint: Endpoint) -> Resolved:
-    """The first address ``endpoint`` resolves to (as the Rust client does)."""
+    """The first address ``endpoint`` resolves to (as the Rust client does),
+    or :class:`ResolveError`."""
     try:
         infos = socket.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_DGRAM)
-    except (socket.gaierror, UnicodeError) as e:
-        raise ConfigError(f"server {endpoint.text!r} does not resolve: {e}") from e
+    except (OSError, UnicodeError) as e:
+        error = e if isinstance(e, OSError) else OSError(str(e))
+        raise ResolveError({endpoint.text: error}) from e
     return _pick(endpoint, infos)
 
 
@@ -82,6 +104,53 @@ async def resolve_async(endpoint: Endpoint) -> Resolved:
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_DGRAM)
-    except (socket.gaierror, UnicodeError) as e:
-        raise ConfigError(f"server {endpoint.text!r} does not resolve: {e}") from e
+    except (OSError, UnicodeError) as e:
+        error = e if isinstance(e, OSError) else OSError(str(e))
+        raise ResolveError({endpoint.text: error}) from e
     return _pick(endpoint, infos)
+
+
+class Targets:
+    """A client's servers and their addresses, shared by all its channels.
+
+    A host name is looked up when a channel first needs the server, and the
+    result is kept until a channel reports the server failed (no reply, a
+    closed port): then the next use looks it up again, so a server moved to
+    a new address (DNS changed) is found after its old address fails. A
+    failed lookup is not kept either: every call that needs the server tries
+    again. A healthy server is not looked up again: its old address still
+    reaches a tradeid server, and a lookup per call would put DNS on the
+    request path.
+
+    No lock: a slot holds either nothing or one lookup's result, and two
+    channels racing to look up the same name only do it twice.
+    """
+
+    __slots__ = ("endpoints", "servers", "_cache")
+
+    def __init__(self, endpoints: Sequence[Endpoint]) -> None:
+        self.endpoints = tuple(endpoints)
+        self.servers = tuple(e.text for e in endpoints)
+        self._cache: List[Optional[Resolved]] = [None] * len(endpoints)
+
+    def get(self, index: int) -> Resolved:
+        """Server ``index``'s address, looked up if need be (may block on
+        DNS); :class:`ResolveError` if the name does not resolve."""
+        target = self._cache[index]
+        if target is None:
+            target = self._cache[index] = resolve(self.endpoints[index])
+        return target
+
+    async def get_async(self, index: int) -> Resolved:
+        """:meth:`get` without blocking the event loop."""
+        target = self._cache[index]
+        if target is None:
+            target = self._cache[index] = await resolve_async(self.endpoints[index])
+        return target
+
+    def forget(self, index: int, failed: Resolved) -> None:
+        """Server ``index`` failed at address ``failed``: look it up again
+        next time (unless another channel already did and got a different
+        address)."""
+        if self._cache[index] == failed:
+            self._cache[index] = None

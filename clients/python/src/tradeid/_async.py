@@ -20,8 +20,8 @@ from types import TracebackType
 from typing import Any, Deque, List, Optional, Sequence, Tuple, Type, TypeVar, Union, cast
 
 from . import _engine
-from ._address import Endpoint, Resolved, resolve_async, split_servers
-from ._errors import ClientClosed, ConfigError, TransportError
+from ._address import Resolved, Targets, split_servers
+from ._errors import ClientClosed, ConfigError, ResolveError, TransportError
 from ._protocol import DEFAULT_MAX_BATCH
 from ._sync import check_count, check_settings
 
@@ -35,7 +35,8 @@ MAX_QUEUED = 1024
 class _Endpoint(asyncio.DatagramProtocol):
     """Receives one connected socket's datagrams and errors into a queue."""
 
-    def __init__(self) -> None:
+    def __init__(self, target: Resolved) -> None:
+        self.target = target
         self.transport: Optional[asyncio.DatagramTransport] = None
         self.queue: Deque[bytes] = collections.deque()
         self.refused = False  # an ICMP "port unreachable" was reported
@@ -79,7 +80,7 @@ class _Channel:
     def __init__(self, client: "AsyncClient") -> None:
         self.session = _engine.Session(client._shared)
         self._client = client
-        self._endpoints: List[Optional[_Endpoint]] = [None] * len(client._endpoints)
+        self._endpoints: List[Optional[_Endpoint]] = [None] * len(client._servers)
         self.broken = False
 
     def close(self) -> None:
@@ -87,16 +88,26 @@ class _Channel:
             if endpoint is not None and endpoint.transport is not None:
                 endpoint.transport.close()
 
+    def _forget(self, index: int) -> None:
+        """Closes the endpoint of a server that failed; its name is looked
+        up again when next used."""
+        endpoint = self._endpoints[index]
+        if endpoint is not None:
+            self._endpoints[index] = None
+            if endpoint.transport is not None:
+                endpoint.transport.close()
+            self._client._targets.forget(index, endpoint.target)
+
     async def _endpoint(self, index: int) -> _Endpoint:
         endpoint = self._endpoints[index]
         if endpoint is None:
-            target = await self._client._target(index)
+            target = await self._client._targets.get_async(index)  # may raise ResolveError
             sock = socket.socket(target.family, socket.SOCK_DGRAM)
             try:
                 sock.setblocking(False)
                 sock.connect(target.sockaddr)
                 loop = asyncio.get_running_loop()
-                _, protocol = await loop.create_datagram_endpoint(_Endpoint, sock=sock)
+                _, protocol = await loop.create_datagram_endpoint(lambda: _Endpoint(target), sock=sock)
             except BaseException:
                 sock.close()
                 raise
@@ -154,16 +165,25 @@ class _Channel:
     async def run(self, steps: _engine.Steps[T]) -> T:
         """Performs the engine's I/O until it returns."""
         result: Optional[bytes] = None
+        unresolved: Optional[ResolveError] = None
         try:
             while True:
-                action = steps.send(result)
-                if isinstance(action, _engine.Recv):
-                    result = await self._recv(action.server, action.timeout)
-                elif isinstance(action, _engine.Send):
-                    result = await self._send(action.server, action.payload)
+                if unresolved is None:
+                    action = steps.send(result)
                 else:
-                    await asyncio.sleep(action.seconds)
-                    result = None
+                    action, unresolved = steps.throw(unresolved), None
+                result = None
+                try:
+                    if isinstance(action, _engine.Recv):
+                        result = await self._recv(action.server, action.timeout)
+                    elif isinstance(action, _engine.Send):
+                        result = await self._send(action.server, action.payload)
+                    elif isinstance(action, _engine.Forget):
+                        self._forget(action.server)
+                    else:
+                        await asyncio.sleep(action.seconds)
+                except ResolveError as e:
+                    unresolved = e  # the engine moves on to the next server
         except StopIteration as stop:
             value: T = stop.value
             return value
@@ -194,11 +214,12 @@ class AsyncClient:
         check_settings(timeout, attempts, max_batch, window)
         if not isinstance(max_concurrency, int) or max_concurrency < 1:
             raise ConfigError(f"max_concurrency must be a whole number >= 1, got {max_concurrency!r}")
-        self._endpoints: List[Endpoint] = split_servers(servers)
-        self._servers = [e.text for e in self._endpoints]
-        self._targets: List[Optional[Resolved]] = [None] * len(self._endpoints)
+        # Addresses are parsed now (ConfigError); names are looked up when
+        # first used, and again after a server fails (see Targets).
+        self._targets = Targets(split_servers(servers))
+        self._servers = list(self._targets.servers)
         self._settings = _engine.Settings(self._servers, float(timeout), attempts, window)
-        self._shared = _engine.Shared(max_batch, len(self._endpoints))
+        self._shared = _engine.Shared(max_batch, len(self._servers))
         self._max_channels = max_concurrency
         self._idle: List[_Channel] = []
         self._all: List[_Channel] = []
@@ -210,12 +231,6 @@ class AsyncClient:
     def servers(self) -> List[str]:
         """The servers, as given."""
         return list(self._servers)
-
-    async def _target(self, index: int) -> Resolved:
-        target = self._targets[index]
-        if target is None:
-            target = self._targets[index] = await resolve_async(self._endpoints[index])
-        return target
 
     async def _acquire(self) -> _Channel:
         if self._closed:

@@ -2,18 +2,27 @@
 :class:`tradeid.AsyncClient`.
 
 The logic is a generator that *yields* I/O requests (:class:`Send`,
-:class:`Recv`, :class:`Sleep`) and is resumed with their results; a driver
-performs them with blocking sockets (``_sync``) or asyncio endpoints
-(``_async``). So retries, failover, error handling and the duplicate
+:class:`Recv`, :class:`Sleep`, :class:`Forget`) and is resumed with their
+results; a driver performs them with blocking sockets (``_sync``) or
+asyncio endpoints (``_async``). A host name that does not resolve is
+thrown into the generator as :class:`~tradeid.ResolveError` at the
+:class:`Send` that needed it, and the engine moves on to the next server;
+after a server's turn ends without a reply the engine yields
+:class:`Forget`, so its name is looked up again (it may have moved). So retries, failover, error handling and the duplicate
 filter behave identically in both clients, and can be tested without a
 network.
 
-Semantics follow the Rust client (core/src/client.rs), with three
-deliberate differences, each fixing a way the Rust client gives up while the
-server is healthy:
+Semantics follow the Rust client (core/src/client.rs). As there,
+``!ERR413`` lowers the batch size to half of what was asked, for good, and
+asks again from the *same* server without counting a lost attempt. (The
+reply does not say the server's limit: it is a fixed 7-byte ``!ERR413``.
+Probing upward again after a halving could home in on it, but replies carry
+no tag, so with requests of several sizes in flight a reply cannot be tied
+to the size it answers; halving settles between half the limit and the
+limit, after at most log2(max_batch) refusals per client, and a caller who
+knows the limit passes it as ``max_batch``.) Two deliberate differences
+fix ways the Rust client gives up while the server is healthy:
 
-* ``!ERR413`` lowers the batch size (to half of what was asked) and asks
-  again from the *same* server; it is not counted as a lost attempt.
 * ``!ERR503`` is retried with exponential backoff (1 ms doubling, capped at
   50 ms) without using up attempts. Only a run of 503s with no ID in between
   for longer than :func:`unavailable_budget` (4 x attempts x timeout, at
@@ -38,9 +47,9 @@ from __future__ import annotations
 
 import collections
 import time
-from typing import Callable, Deque, Generator, List, Optional, Sequence, Set, TypeVar, Union
+from typing import Callable, Deque, Dict, Generator, List, Optional, Sequence, Set, TypeVar, Union
 
-from ._errors import Rejected, SpaceExhausted, Timeout, Unavailable
+from ._errors import Rejected, ResolveError, SpaceExhausted, Timeout, Unavailable
 from ._protocol import ErrorCode, decode_reply, encode_request
 
 T = TypeVar("T")
@@ -58,7 +67,9 @@ DEFAULT_WINDOW = 32
 
 class Send:
     """Send ``payload`` to server ``server``. Resumed with ``b""`` when sent,
-    ``None`` when the OS reports the port closed (ECONNREFUSED)."""
+    ``None`` when the OS reports the port closed (ECONNREFUSED). If the
+    server's host name does not resolve, the driver throws the
+    :class:`~tradeid.ResolveError` into the engine instead."""
 
     __slots__ = ("server", "payload")
 
@@ -87,6 +98,17 @@ class Sleep:
         self.seconds = seconds
 
 
+class Forget:
+    """Server ``server`` failed (no reply, a closed port, no address): close
+    the socket to it and look its name up again when it is next used, so a
+    server that moved to a new address is found. Resumed with ``None``."""
+
+    __slots__ = ("server",)
+
+    def __init__(self, server: int) -> None:
+        self.server = server
+
+
 class Prior:
     """A request a driver made itself before running the engine (its fast
     path for the common case), and what came of it, so the engine carries on
@@ -103,7 +125,7 @@ class Prior:
         self.reply = reply
 
 
-Action = Union[Send, Recv, Sleep]
+Action = Union[Send, Recv, Sleep, Forget]
 #: A generator of actions, resumed with their results, returning a ``T``.
 Steps = Generator[Action, Optional[bytes], T]
 
@@ -247,7 +269,7 @@ def take(
 
 
 # How one server's turn ended.
-_DONE, _NO_REPLY, _UNAVAILABLE, _EXHAUSTED = range(4)
+_DONE, _NO_REPLY, _UNAVAILABLE, _EXHAUSTED, _UNRESOLVED = range(5)
 
 
 def _fill(
@@ -257,29 +279,38 @@ def _fill(
     across the servers in order, starting at the one used last."""
     servers = len(settings.servers)
     fruitless = 0  # servers tried in a row without getting an ID
-    unavailable = False  # whether one of those kept answering !ERR503
+    # How those failed: one kept answering !ERR503, one did not answer, the
+    # names that did not resolve.
+    unavailable = silent = False
+    unresolved: Dict[str, OSError] = {}
     while len(out) < count:
         if all(shared.exhausted):
             raise SpaceExhausted(settings.servers)
         if fruitless >= servers:
             if unavailable:
-                raise Unavailable(settings.servers, settings.unavailable_budget)
-            raise Timeout(settings.servers, settings.attempts, settings.timeout)
+                raise Unavailable(settings.servers, settings.unavailable_budget, unresolved)
+            if unresolved and not silent:
+                raise ResolveError(unresolved) from next(iter(unresolved.values()))
+            raise Timeout(settings.servers, settings.attempts, settings.timeout, unresolved)
         index = session.current
         if not shared.exhausted[index]:
             before = len(out)
             if prior is not None and prior.server != index:
                 prior = None
-            outcome = yield from _fill_from(settings, shared, session, index, out, count, prior)
+            outcome = yield from _fill_from(settings, shared, session, index, out, count, unresolved, prior)
             prior = None
             if outcome == _DONE:
                 return
             if len(out) > before:
-                fruitless, unavailable = 0, False
+                fruitless, unavailable, silent = 0, False, False
+                unresolved.clear()
             if outcome == _EXHAUSTED:
                 shared.exhausted[index] = True
             elif outcome == _UNAVAILABLE:
                 unavailable = True
+            else:  # no reply, or no address: it may have moved
+                silent = silent or outcome == _NO_REPLY
+                yield Forget(index)
         session.current = (index + 1) % servers
         fruitless += 1
 
@@ -291,9 +322,11 @@ def _fill_from(
     index: int,
     out: List[str],
     count: int,
+    unresolved: Dict[str, OSError],
     prior: Optional[Prior] = None,
 ) -> Steps[int]:
-    """Fills ``out`` from server ``index`` until done or the server fails.
+    """Fills ``out`` from server ``index`` until done or the server fails
+    (a name that does not resolve goes into ``unresolved``).
 
     An *attempt* is a wait of ``timeout`` with no useful reply; ``attempts``
     of them in a row (any reply with fresh IDs starts the count again) end
@@ -323,7 +356,12 @@ def _fill_from(
             if missing <= 0:
                 break
             size = min(missing, shared.max_batch)
-            if (yield Send(index, encode_request(size))) is None:
+            try:
+                sent = yield Send(index, encode_request(size))
+            except ResolveError as e:
+                unresolved.update(e.errors)
+                return _UNRESOLVED
+            if sent is None:
                 refused = True
                 break
             inflight.append(size)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 
 class TradeIdError(Exception):
@@ -40,37 +40,85 @@ class InvalidId(TradeIdError, ValueError):
 
 
 class ConfigError(TradeIdError, ValueError):
-    """A bad argument to a client: an unparsable or unresolvable server
-    address, a non-positive timeout, a batch size out of range."""
+    """A bad argument to a client: a malformed server address (not
+    ``HOST:PORT``, a bad port, an invalid host name), a non-positive
+    timeout, a batch size out of range. Raised when the client is created;
+    a host name that does not resolve is :class:`ResolveError`, at use."""
+
+
+def _unresolved_note(unresolved: Mapping[str, OSError]) -> str:
+    if not unresolved:
+        return ""
+    return " (" + "; ".join(f"{server} did not resolve: {e}" for server, e in unresolved.items()) + ")"
+
+
+class ResolveError(TradeIdError):
+    """No server could be used because their host names did not resolve
+    (a DNS failure, or a name with no IPv4 or IPv6 address).
+
+    ``errors`` maps each such server, as configured, to the resolver's
+    ``OSError`` (usually a ``socket.gaierror``); ``servers`` lists them.
+    The first error is also the ``__cause__``.
+
+    Transient, like :class:`Timeout`: a name is looked up when a server is
+    first used and again after it fails, so the next call tries again. A
+    server whose name does not resolve is skipped for the next one, like a
+    server that does not answer; this is raised only when no server at all
+    could be reached that way.
+    """
+
+    def __init__(self, errors: Mapping[str, OSError]) -> None:
+        self.errors: Dict[str, OSError] = dict(errors)
+        self.servers = list(self.errors)
+        names = "; ".join(f"{server} ({e})" for server, e in self.errors.items())
+        super().__init__(
+            f"cannot look up the host name of {names}: check the name (the servers "
+            "argument or TRADEID_SERVERS) and this host's DNS; it is looked up again "
+            "on the next call"
+        )
 
 
 class Timeout(TradeIdError):
-    """No server answered in time (every attempt on every server was lost)."""
+    """No server answered in time (every attempt on every server was lost).
+    ``unresolved`` maps the servers whose names did not resolve, if any, to
+    the resolver's error, as in :class:`ResolveError`."""
 
-    def __init__(self, servers: Sequence[str], attempts: int, timeout: float) -> None:
+    def __init__(
+        self,
+        servers: Sequence[str],
+        attempts: int,
+        timeout: float,
+        unresolved: Optional[Mapping[str, OSError]] = None,
+    ) -> None:
         self.servers = list(servers)
         self.attempts = attempts
         self.timeout = timeout
+        self.unresolved: Dict[str, OSError] = dict(unresolved or {})
         super().__init__(
             f"no reply from {', '.join(self.servers)} after {attempts} attempt(s) each "
-            f"of {timeout * 1000:g} ms; are they running and reachable, and is this host "
-            "in their --allow list?"
+            f"of {timeout * 1000:g} ms{_unresolved_note(self.unresolved)}; are they "
+            "running and reachable, and is this host in their --allow list?"
         )
 
 
 class Unavailable(TradeIdError):
     """Every server that answered kept saying ``!ERR503`` (no block of IDs
     ready yet, or shutting down) for longer than the retry budget.
+    ``unresolved`` is as in :class:`Timeout`.
 
     Transient, like :class:`Timeout`: retrying later is reasonable.
     """
 
-    def __init__(self, servers: Sequence[str], budget: float) -> None:
+    def __init__(
+        self, servers: Sequence[str], budget: float, unresolved: Optional[Mapping[str, OSError]] = None
+    ) -> None:
         self.servers = list(servers)
         self.budget = budget
+        self.unresolved: Dict[str, OSError] = dict(unresolved or {})
         super().__init__(
             f"{', '.join(self.servers)} kept answering !ERR503 (no block of IDs ready, "
-            f"or shutting down) for over {budget * 1000:g} ms each; the server may be "
+            f"or shutting down) for over {budget * 1000:g} ms each"
+            f"{_unresolved_note(self.unresolved)}; the server may be "
             "stopping, overloaded or waiting on a slow disk"
         )
 

@@ -14,9 +14,9 @@ from types import TracebackType
 from typing import Dict, List, Optional, Sequence, Type, TypeVar, Union
 
 from . import _engine
-from ._address import Endpoint, Resolved, resolve, split_servers
+from ._address import Resolved, Targets, split_servers
 from ._codec import ID_LEN
-from ._errors import ClientClosed, ConfigError, TransportError
+from ._errors import ClientClosed, ConfigError, ResolveError, TransportError
 from ._protocol import DEFAULT_MAX_BATCH, MAX_BATCH_LIMIT, decode_reply, encode_request
 
 T = TypeVar("T")
@@ -64,7 +64,7 @@ class _Socket:
     Elsewhere it uses Python's ``settimeout``.
     """
 
-    __slots__ = ("sock", "_rcvtimeo", "_recv_size")
+    __slots__ = ("sock", "target", "_rcvtimeo", "_recv_size")
 
     _KERNEL_TIMEOUT = sys.platform.startswith("linux") and hasattr(socket, "SO_RCVTIMEO")
     _TIMEVAL = struct.Struct("@ll")
@@ -73,6 +73,7 @@ class _Socket:
         # Replies are never longer than the largest request asked for: a
         # small buffer is cheaper to allocate than a 64 KiB one per datagram.
         self._recv_size = recv_size
+        self.target = target
         self.sock = socket.socket(target.family, socket.SOCK_DGRAM)
         try:
             self.sock.connect(target.sockaddr)
@@ -153,31 +154,41 @@ class _Channel:
 
     __slots__ = ("session", "generation", "_targets", "_servers", "_recv_size", "_sockets", "_finalizer", "__weakref__")
 
-    def __init__(
-        self, shared: _engine.Shared, targets: Sequence[Resolved], servers: Sequence[str], recv_size: int
-    ) -> None:
+    def __init__(self, shared: _engine.Shared, targets: Targets, recv_size: int) -> None:
         self.session = _engine.Session(shared)
         self._recv_size = recv_size
         self.generation = _fork_generation
         self._targets = targets
-        self._servers = servers
-        self._sockets: List[Optional[_Socket]] = [None] * len(targets)
+        self._servers = targets.servers
+        self._sockets: List[Optional[_Socket]] = [None] * len(targets.servers)
         self._finalizer = weakref.finalize(self, _close_sockets, self._sockets)
 
     def close(self) -> None:
         self._finalizer()
 
     def _socket(self, index: int) -> _Socket:
+        """The socket to server ``index``, opened (and the name looked up)
+        if need be; :class:`ResolveError` if the name does not resolve."""
         s = self._sockets[index]
         if s is None:
             if not self._finalizer.alive:
                 raise ClientClosed()
+            target = self._targets.get(index)
             try:
-                s = _Socket(self._targets[index], self._recv_size)
+                s = _Socket(target, self._recv_size)
             except OSError as e:
                 raise TransportError(self._servers[index], e) from e
             self._sockets[index] = s
         return s
+
+    def _forget(self, index: int) -> None:
+        """Closes the socket to a server that failed; its name is looked up
+        again when next used."""
+        s = self._sockets[index]
+        if s is not None:
+            self._sockets[index] = None
+            s.close()
+            self._targets.forget(index, s.target)
 
     def take(self, settings: _engine.Settings, shared: _engine.Shared, count: int) -> List[str]:
         """``count`` new IDs.
@@ -191,10 +202,12 @@ class _Channel:
         """
         session = self.session
         index = session.current
-        if count > shared.max_batch or shared.exhausted[index]:
+        sock = self._sockets[index]
+        if sock is None or count > shared.max_batch or shared.exhausted[index]:
+            # (A first call opens its socket through the engine, which
+            # handles a name that does not resolve.)
             return self.run(_engine.take(settings, shared, session, count))
         try:
-            sock = self._sockets[index] or self._socket(index)
             if not sock.send(encode_request(count)):
                 prior = _engine.Prior(index, count, False, None)
             else:
@@ -216,15 +229,26 @@ class _Channel:
     def run(self, steps: _engine.Steps[T]) -> T:
         """Performs the engine's I/O until it returns."""
         result: Optional[bytes] = None
+        unresolved: Optional[ResolveError] = None
         try:
             while True:
-                action = steps.send(result)
+                if unresolved is None:
+                    action = steps.send(result)
+                else:
+                    action, unresolved = steps.throw(unresolved), None
+                result = None
                 if isinstance(action, _engine.Sleep):
                     time.sleep(action.seconds)
-                    result = None
+                    continue
+                if isinstance(action, _engine.Forget):
+                    self._forget(action.server)
                     continue
                 try:
                     sock = self._sockets[action.server] or self._socket(action.server)
+                except ResolveError as e:
+                    unresolved = e  # the engine moves on to the next server
+                    continue
+                try:
                     if isinstance(action, _engine.Recv):
                         result = sock.recv(action.timeout)
                     else:
@@ -266,10 +290,11 @@ class Client:
         window: int = _engine.DEFAULT_WINDOW,
     ) -> None:
         check_settings(timeout, attempts, max_batch, window)
-        endpoints: List[Endpoint] = split_servers(servers)
-        self._targets = [resolve(e) for e in endpoints]
-        self._settings = _engine.Settings([e.text for e in endpoints], float(timeout), attempts, window)
-        self._shared = _engine.Shared(max_batch, len(endpoints))
+        # Addresses are parsed now (ConfigError); names are looked up when
+        # first used, and again after a server fails (see Targets).
+        self._targets = Targets(split_servers(servers))
+        self._settings = _engine.Settings(self._targets.servers, float(timeout), attempts, window)
+        self._shared = _engine.Shared(max_batch, len(self._targets.servers))
         self._recv_size = max(64, max_batch * ID_LEN)
         self._local = threading.local()
         # Every open channel, so close() can reach other threads' sockets.
@@ -288,7 +313,7 @@ class Client:
             return channel
         if self._closed:
             raise ClientClosed()
-        channel = _Channel(self._shared, self._targets, self._settings.servers, self._recv_size)
+        channel = _Channel(self._shared, self._targets, self._recv_size)
         key = id(channel)
         channels = self._channels
         channels[key] = weakref.ref(channel, lambda _ref: channels.pop(key, None))
