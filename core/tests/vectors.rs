@@ -2,8 +2,8 @@
 //! client's tests too) checked against the Rust codec, so the two cannot
 //! drift apart.
 //!
-//! The file's top-level objects are *modes* (ways an ID is written: today
-//! `"plain"`); its other top-level fields (`description`, `version`,
+//! The file's top-level objects are *modes* (ways an ID is written:
+//! `"plain"`, and `"check"` for spaces with a check character); its other top-level fields (`description`, `version`,
 //! `alphabet`) describe the file. Every mode in the file must have a parser
 //! in [`MODES`]: a mode added to the file without one fails here, so no
 //! section can go unchecked by Rust. Schema: clients/python/README.md.
@@ -19,10 +19,14 @@ use tradeid::Id;
 type Parser = fn(&str) -> Result<String, Value>;
 
 /// Every mode the Rust codec parses, by its name in the file.
-const MODES: &[(&str, Parser)] = &[("plain", plain)];
+const MODES: &[(&str, Parser)] = &[("plain", plain), ("check", check)];
 
 fn plain(text: &str) -> Result<String, Value> {
     Id::parse(text).map(|id| id.to_string()).map_err(|e| reject(&e))
+}
+
+fn check(text: &str) -> Result<String, Value> {
+    Id::parse_checked(text).map(|id| id.to_string()).map_err(|e| reject(&e))
 }
 
 /// A parse error as the vectors file writes it.
@@ -32,6 +36,7 @@ fn reject(error: &ParseError) -> Value {
             json!({ "reason": "invalid_char", "char": ch.to_string(), "position": position })
         }
         ParseError::Length { digits } => json!({ "reason": "length", "digits": digits }),
+        ParseError::CheckMismatch => json!({ "reason": "check_mismatch" }),
     }
 }
 

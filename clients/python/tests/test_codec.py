@@ -122,6 +122,39 @@ def test_every_alphabet_character_round_trips() -> None:
         assert tradeid.parse(ch.lower() * 7) == ch * 7
 
 
+def test_the_check_section_is_well_formed() -> None:
+    cases = [c for m, c in INVALID if m == "check"]
+    assert len(cases) >= 10
+    for case in cases:
+        assert case["reason"] in ("invalid_char", "length", "check_mismatch")
+        if case["reason"] == "check_mismatch":
+            assert set(case) <= {"input", "reason", "note"}
+            # Every mismatch is still a valid plain ID: only the check refuses it.
+            assert tradeid.is_valid(case["input"])
+
+
+def test_the_rust_check_command_agrees_with_the_check_vectors(tradeid_bin: Path) -> None:
+    """`tradeid check` runs the Rust Id::parse_checked: the same verdict,
+    canonical form and message for every case of the check section."""
+    cases = [c for m, c in VALID + INVALID if m == "check" and c["input"].strip()]
+    result = subprocess.run(
+        [str(tradeid_bin), "check", "--", *[c["input"] for c in cases]],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 65, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(cases), lines
+    for case, line in zip(cases, lines):
+        if "canonical" in case:
+            assert line == case["canonical"], (case, line)
+        else:
+            with pytest.raises(tradeid.InvalidId) as info:
+                tradeid.parse(case["input"], mode="check")
+            assert line.endswith(str(info.value)), (case, line)
+
+
 def test_the_rust_parser_agrees_with_the_vectors(tradeid_bin: Path, tmp_path: Path) -> None:
     """`tradeid decode` runs the Rust Id::parse: same results, same messages
     (inputs with a NUL cannot be passed as an argument)."""
