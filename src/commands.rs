@@ -17,7 +17,7 @@ use tradeid::{GenError, Generator, GeneratorConfig};
 
 use crate::cluster::{self, Etcd};
 use crate::config::{cluster_options, ServeConfig};
-use crate::exit::{ConfigError, Exhausted, Unreachable};
+use crate::errors::{ConfigError, Exhausted, Unreachable};
 use crate::flags::{Cli, Command, DecodeArgs, GenArgs, GetArgs, InitArgs, InspectArgs, KeygenArgs, ServeArgs};
 use crate::{control, dataplane};
 

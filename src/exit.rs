@@ -5,20 +5,7 @@ use std::error::Error;
 use std::io;
 use std::path::{Path, PathBuf};
 
-/// A configuration or usage mistake the operator must fix (exit code 78).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub(crate) struct ConfigError(pub(crate) String);
-
-/// The node's ID space is used up (exit code 75 is wrong here: it is final).
-#[derive(Debug, thiserror::Error)]
-#[error("the ID space of this node is exhausted; no more IDs can be issued from this state file")]
-pub(crate) struct Exhausted;
-
-/// No server answered (exit code 69).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub(crate) struct Unreachable(pub(crate) String);
+use crate::errors::{ConfigError, Exhausted, Unreachable};
 
 /// Prints a fatal error once (see [`message`]) and returns the process
 /// exit code (see [`code`]).

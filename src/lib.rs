@@ -25,6 +25,7 @@ mod commands;
 mod config;
 mod control;
 pub mod dataplane;
+mod errors;
 mod exit;
 mod flags;
 mod logging;
