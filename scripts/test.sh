@@ -46,7 +46,7 @@ install_packages() {
 step "Rust tests: unit, integration (real binary, real etcd), loadgen"
 cargo test --workspace
 
-step "layering: lean core, unsafe in its two homes"
+step "layering: lean core, unsafe in its two homes, no import cycle"
 bash scripts/check-structure.sh
 
 # The Python suites drive target/debug/tradeid, which `cargo test` just
