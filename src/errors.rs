@@ -17,3 +17,11 @@ pub(crate) struct Exhausted;
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub(crate) struct Unreachable(pub(crate) String);
+
+/// A second SIGTERM or SIGINT arrived while the server was stopping: the
+/// process ends now (exit code 1), without waiting for the workers to
+/// drain. Every ID already sent is covered by a flushed mark, so nothing
+/// is lost.
+#[derive(Debug, thiserror::Error)]
+#[error("second signal, exiting at once")]
+pub(crate) struct SecondSignal;

@@ -135,7 +135,7 @@ fn user_name(passwd: &str, uid: u32) -> Option<&str> {
 /// | code | meaning |
 /// |---|---|
 /// | 0  | success, or standard output closed early (`| head`): see [`report`] |
-/// | 1  | any other failure |
+/// | 1  | any other failure, including a second SIGTERM/SIGINT while stopping |
 /// | 65 | EX_DATAERR: the state file is corrupt, or the space is exhausted |
 /// | 66 | EX_NOINPUT: the state file does not exist |
 /// | 69 | EX_UNAVAILABLE: the state file is locked by another process, a listen address (`--listen`, `--admin`, `--grpc`) is in use, no server answered, or etcd did not |

@@ -16,7 +16,6 @@
 //! The public surface is what the binary needs ([`Cli`], [`run`],
 //! [`report_error`], [`exit_code`], [`init_logging`]) and the
 //! [`dataplane`], for programs and tests that run a server in-process.
-#![warn(missing_docs)]
 
 #[doc(hidden)]
 pub mod bench;

@@ -19,7 +19,6 @@
 //! - [`generator`]: shards, block reservation, background prefetch.
 //! - [`client`]: the UDP client: retries, failover, duplicate filter.
 //! - [`hooks`]: fault injection for tests, compiled in only with `test-hooks`.
-#![warn(missing_docs)]
 
 pub mod client;
 pub mod generator;
