@@ -11,7 +11,7 @@
 //! - [`id`]: the ID, its Crockford base32 codec and the keyed permutation. Pure.
 //! - [`protocol`]: the wire format: decode a request, encode a reply. Pure.
 //! - [`policy`]: who may ask and how much: allowlist, 3× rule, rate limiter. Pure.
-//! - [`state`]: the state file: format (pure), creation, and the mapped store
+//! - [`state`]: the state file: format (pure), creation, locks, and the mapped store
 //!   (the crate's only `unsafe`).
 //! - [`keyfile`]: the key file that every node of a multi-node space shares.
 //! - [`respond`]: the per-datagram responder: every decision about one request. Pure.
