@@ -237,7 +237,8 @@ impl SendErrorLog {
     /// (refused replies so far, OS error of its latest refusal).
     fn report(&mut self, per_worker: &[(u64, i32)], now: Instant) -> Option<String> {
         self.logged.resize(per_worker.len(), 0);
-        let new: u64 = per_worker.iter().zip(&self.logged).map(|(&(total, _), &logged)| total - logged).sum();
+        let new: u64 =
+            per_worker.iter().zip(&self.logged).map(|(&(total, _), &logged)| total.saturating_sub(logged)).sum();
         if new == 0 || self.at.is_some_and(|at| now.duration_since(at) < Self::EVERY) {
             return None;
         }
