@@ -9,7 +9,15 @@ the repository root after `cargo build --release --workspace`:
     python3 perf/bench.py [--seconds 3] [--reps 3] [--only single,bulk,latency,rss,limits,steering]
     python3 perf/bench.py --only protocols      # UDP vs gRPC Next vs HTTP /ids, 1 and 1,000 IDs per call
     python3 perf/bench.py --only python         # the Python client (clients/python/bench.py)
+    python3 perf/bench.py --only builds --baseline-rev c139caf    # before/after, side by side
     python3 perf/bench.py --only builds --baseline-bin OTHER/tradeid --baseline-label "before X"
+
+`--only builds` compares this build with another build of tradeid, single
+ID and bulk, each as a ratio to the echo baseline, rotated in one run.
+`--baseline-rev REV` builds the other one itself: it exports REV (any git
+revision) into a temporary directory with `git archive`, builds its
+`tradeid` binary in release (target/baseline/, reused by later runs) and
+keeps it as target/baseline/tradeid-COMMIT.
 
 Prints Markdown tables (the ones in perf.md).
 """
@@ -110,11 +118,40 @@ def rotate(cases, seconds, reps):
     return runs
 
 
+def build_rev(rev):
+    """The release `tradeid` binary of git revision `rev`, built from a
+    clean export of that revision (not from the working tree), once per
+    commit."""
+    commit = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout.strip()
+    out = os.path.join(ROOT, "target", "baseline")
+    binary = os.path.join(out, f"tradeid-{commit[:12]}")
+    if os.path.exists(binary):
+        return binary
+    os.makedirs(out, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="tradeid-baseline-") as tree:
+        archive = subprocess.Popen(["git", "archive", "--format=tar", commit], cwd=ROOT, stdout=subprocess.PIPE)
+        subprocess.run(["tar", "-x", "-C", tree], stdin=archive.stdout, check=True)
+        if archive.wait() != 0:
+            sys.exit(f"git archive {commit} failed")
+        print(f"building tradeid at {rev} ({commit[:12]}) in release; this takes minutes", file=sys.stderr)
+        env = dict(os.environ, CARGO_TARGET_DIR=os.path.join(out, "target"))
+        subprocess.run(["cargo", "build", "--release", "--locked", "--quiet", "--bin", "tradeid"], cwd=tree, env=env,
+                       check=True)
+    os.replace(os.path.join(out, "target", "release", "tradeid"), binary)
+    return binary
+
+
 def builds(o):
-    """This build against another build of tradeid (--baseline-bin), each as
-    a ratio to the echo baseline, all three rotated in one run."""
+    """This build against another build of tradeid (--baseline-bin, or
+    --baseline-rev built here), each as a ratio to the echo baseline, all
+    three rotated in one run."""
+    if o.baseline_rev:
+        o.baseline_bin = build_rev(o.baseline_rev)
+        o.baseline_label = o.baseline_label if o.baseline_label != "baseline" else o.baseline_rev
     if not o.baseline_bin:
-        sys.exit("--only builds needs --baseline-bin PATH (a tradeid binary built from another commit)")
+        sys.exit("--only builds needs --baseline-rev REV (a git revision to build) or --baseline-bin PATH (a tradeid "
+                 "binary built from another commit)")
     print(f"\n### This build vs {o.baseline_label} (1 worker on CPU 1, loadgen on CPU 0, 4 sockets x 16)\n")
     print(f"| workload | echo req/s | this build req/s | ratio to echo | {o.baseline_label} req/s | ratio to echo | this / {o.baseline_label} |")
     print("|---|---|---|---|---|---|---|")
@@ -379,15 +416,16 @@ def steering(o):
 
 
 def main():
-    subprocess.run(["cargo", "build", "--release", "--workspace", "--quiet"], cwd=ROOT, check=True)
     p = argparse.ArgumentParser()
     p.add_argument("--seconds", type=float, default=3)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--only", default="single,bulk,latency,rss,limits,steering,cluster,protocols,python")
     p.add_argument("--python-bulk", type=int, default=5_000_000, help="for --only python: IDs per generate_bulk call")
     p.add_argument("--baseline-bin", help="for --only builds: a tradeid binary from another commit")
+    p.add_argument("--baseline-rev", help="for --only builds: a git revision to build and compare with (e.g. c139caf)")
     p.add_argument("--baseline-label", default="baseline", help="what to call --baseline-bin in the table")
     o = p.parse_args()
+    subprocess.run(["cargo", "build", "--release", "--workspace", "--quiet"], cwd=ROOT, check=True)
     for name in o.only.split(","):
         globals()[name](o)
 

@@ -14,12 +14,13 @@ export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 # the msync fault test, systemd for the unit checks, protoc for the etcd
 # and gRPC code, Python's grpcio and pytest for the gRPC tests, and
 # Prometheus (and promtool) for the alert rules and the dashboard, and venv
-# and mypy for the Python client's suite.
+# and mypy for the Python client's suite, and g++ for libFuzzer (built by
+# the fuzz crate's compile check).
 NEEDS=(
     "etcd:etcd-server" "etcdctl:etcd-client" "openssl:openssl" "strace:strace"
     "systemd-analyze:systemd" "protoc:protobuf-compiler" "grpc_python_plugin:protobuf-compiler-grpc"
     "/usr/lib/python3/dist-packages/grpc:python3-grpcio" "/usr/lib/python3/dist-packages/pytest:python3-pytest"
-    "prometheus:prometheus" "promtool:prometheus" "mypy:mypy" "/usr/lib/python3.11/ensurepip:python3-venv"
+    "prometheus:prometheus" "promtool:prometheus" "mypy:mypy" "/usr/lib/python3.11/ensurepip:python3-venv" "g++:g++"
 )
 
 step() { printf '\n==> %s\n' "$*"; }
@@ -46,8 +47,14 @@ install_packages() {
 step "Rust tests: unit, integration (real binary, real etcd), loadgen"
 cargo test --workspace
 
-step "layering: lean core, unsafe in its two homes"
+step "layering: lean core, unsafe in its two homes, no import cycle"
 bash scripts/check-structure.sh
+
+# The fuzz crate is outside the workspace, so nothing else compiles it:
+# check that every target still builds against the core (stable toolchain;
+# running them needs cargo-fuzz, see docs/fuzzing.md).
+step "fuzz targets compile"
+cargo check --manifest-path fuzz/Cargo.toml --bins --locked
 
 # The Python suites drive target/debug/tradeid, which `cargo test` just
 # built with the test hooks compiled in.

@@ -18,7 +18,7 @@ use tradeid::{GenError, Generator, GeneratorConfig};
 
 use crate::cluster::{self, Etcd};
 use crate::config::{cluster_options, ServeConfig};
-use crate::exit::{ConfigError, Exhausted, InvalidIds, Unreachable};
+use crate::errors::{ConfigError, Exhausted, InvalidIds, Unreachable};
 use crate::flags::{
     CheckArgs, Cli, Command, DecodeArgs, GenArgs, GetArgs, InitArgs, InspectArgs, KeygenArgs, ServeArgs,
 };

@@ -10,7 +10,7 @@ use tradeid::protocol::MAX_BATCH_LIMIT;
 use tradeid::GeneratorConfig;
 use tradeid_udp::SocketOptions;
 
-use crate::exit::ConfigError;
+use crate::errors::ConfigError;
 use crate::flags::{EtcdArgs, ServeArgs};
 use crate::{cluster, control, dataplane};
 

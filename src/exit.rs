@@ -5,26 +5,7 @@ use std::error::Error;
 use std::io;
 use std::path::{Path, PathBuf};
 
-/// A configuration or usage mistake the operator must fix (exit code 78).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub(crate) struct ConfigError(pub(crate) String);
-
-/// The node's ID space is used up (exit code 75 is wrong here: it is final).
-#[derive(Debug, thiserror::Error)]
-#[error("the ID space of this node is exhausted; no more IDs can be issued from this state file")]
-pub(crate) struct Exhausted;
-
-/// Some of the IDs given to `check` or `decode` are not valid: mistyped,
-/// or failing their check character (exit code 65).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub(crate) struct InvalidIds(pub(crate) String);
-
-/// No server answered (exit code 69).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub(crate) struct Unreachable(pub(crate) String);
+use crate::errors::{ConfigError, Exhausted, InvalidIds, Unreachable};
 
 /// Prints a fatal error once (see [`message`]) and returns the process
 /// exit code (see [`code`]).
@@ -154,7 +135,7 @@ fn user_name(passwd: &str, uid: u32) -> Option<&str> {
 /// | code | meaning |
 /// |---|---|
 /// | 0  | success, or standard output closed early (`| head`): see [`report`] |
-/// | 1  | any other failure |
+/// | 1  | any other failure, including a second SIGTERM/SIGINT while stopping |
 /// | 65 | EX_DATAERR: the state file is corrupt, the space is exhausted, or an ID given to `check` or `decode` is not valid |
 /// | 66 | EX_NOINPUT: the state file does not exist |
 /// | 69 | EX_UNAVAILABLE: the state file is locked by another process, a listen address (`--listen`, `--admin`, `--grpc`) is in use, no server answered, or etcd did not |

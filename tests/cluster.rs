@@ -205,6 +205,7 @@ fn a_full_etcd_outage_is_ridden_through_on_held_blocks() {
     for _ in 0..20 {
         insert_unique(&mut seen, ids_of(&ask(100)));
     }
+    assert_eq!(node.metric("tradeid_etcd_reservation_failures_total"), 0.0);
     etcd.kill_all();
     let held_at_outage = node.metric("tradeid_ids_held");
     // Drain: IDs while blocks are held, then 503 once, and then held is 0.
@@ -235,6 +236,7 @@ fn a_full_etcd_outage_is_ridden_through_on_held_blocks() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(node.metric("tradeid_etcd_up"), 0.0);
+    assert!(node.metric("tradeid_etcd_reservation_failures_total") >= 1.0);
     assert!(node.stderr().contains("cannot reserve a block") && node.stderr().contains(e.split(',').next().unwrap()));
     // Several seconds down, then back: recovery without a restart.
     std::thread::sleep(Duration::from_secs(2));

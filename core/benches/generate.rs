@@ -1,5 +1,6 @@
 //! In-process generation speed: permute + encode, in IDs per second on one
-//! core. Run with `cargo bench --bench generate`. Prints one line per case.
+//! core. Run with `cargo bench -p tradeid --bench generate` (from anywhere
+//! in the workspace). Prints one line per case.
 //!
 //! Cases:
 //! - `permute+encode`: the pure hot loop over a counter range.
@@ -9,8 +10,9 @@
 //! Each is run twice, side by side: for a plain 35-bit space, then (`+check`)
 //! for a 30-bit space whose IDs end in a check character.
 //!
-//! `cargo bench --bench generate -- --fixed` instead does a fixed amount of
-//! work (10,000 fills of 175 IDs) with no timing, for instruction counting:
+//! `cargo bench -p tradeid --bench generate -- --fixed` instead does a fixed
+//! amount of work (10,000 fills of 175 IDs) with no timing, for instruction
+//! counting:
 //! `valgrind --tool=callgrind target/release/deps/generate-* --fixed`, then
 //! `callgrind_annotate --inclusive=yes` and read `Handle::fill`. Unlike
 //! seconds on a shared VM, instruction counts repeat exactly.

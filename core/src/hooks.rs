@@ -4,9 +4,11 @@
 //! flush fails or a worker wedges, against the real binary. These hooks do
 //! that. They are read once from `TRADEID_TEST_*` environment variables,
 //! and only in builds with the `test-hooks` feature, which only the
-//! server's tests enable (as a dev-dependency): a release build compiles
-//! [`get`] to the all-off value, so no flag, variable or file can reach
-//! them in production.
+//! server's tests enable (as a dev-dependency). The switch is the feature,
+//! not the profile: every build without it (`cargo build`, debug or
+//! release, `cargo install`, the Debian package) compiles [`get`] to the
+//! all-off value, so no flag, variable or file can reach them in
+//! production; a test build has them, whatever its profile.
 //!
 //! | variable | effect |
 //! |---|---|

@@ -12,7 +12,7 @@
 //! - [`check`]: the optional check character (Damm over a quasigroup of order 32). Pure.
 //! - [`protocol`]: the wire format: decode a request, encode a reply. Pure.
 //! - [`policy`]: who may ask and how much: allowlist, 3× rule, rate limiter. Pure.
-//! - [`state`]: the state file: format (pure), creation, and the mapped store
+//! - [`state`]: the state file: format (pure), creation, locks, and the mapped store
 //!   (the crate's only `unsafe`).
 //! - [`keyfile`]: the key file that every node of a multi-node space shares.
 //! - [`respond`]: the per-datagram responder: every decision about one request. Pure.
@@ -20,7 +20,6 @@
 //! - [`generator`]: shards, block reservation, background prefetch.
 //! - [`client`]: the UDP client: retries, failover, duplicate filter.
 //! - [`hooks`]: fault injection for tests, compiled in only with `test-hooks`.
-#![warn(missing_docs)]
 
 pub mod check;
 pub mod client;

@@ -32,7 +32,7 @@ use etcd_client::{
 use tradeid::id::{Key, ROUNDS};
 use tradeid::state::{check_cluster_name, ClusterBinding};
 
-use crate::exit::ConfigError;
+use crate::errors::ConfigError;
 
 /// How to reach a cluster: from `--etcd`, `--cluster` and the TLS and
 /// authentication flags.

@@ -110,10 +110,13 @@ impl Observer {
         self.counters.iter().map(|c| get(c).load(Ordering::Relaxed)).sum()
     }
 
-    /// Replies the kernel refused so far, and the OS error of the latest.
-    pub(crate) fn send_failures(&self) -> (u64, Option<i32>) {
-        let errno = self.counters.iter().map(|c| c.last_send_errno.load(Ordering::Relaxed)).find(|&e| e != 0);
-        (self.sum(|c| &c.send_failures), errno.map(|e| e as i32))
+    /// Per worker, in worker order: the replies the kernel refused so far,
+    /// and the OS error of the latest of them (0: none yet).
+    pub(crate) fn send_failures(&self) -> Vec<(u64, i32)> {
+        self.counters
+            .iter()
+            .map(|c| (c.send_failures.load(Ordering::Relaxed), c.last_send_errno.load(Ordering::Relaxed) as i32))
+            .collect()
     }
 
     /// Every worker's heartbeat, in worker order.
@@ -448,6 +451,12 @@ impl Observer {
                 ("result=\"conflict\"".to_string(), load(&c.conflicts)),
                 ("result=\"error\"".to_string(), load(&c.errors)),
             ],
+        );
+        p.single(
+            "tradeid_etcd_reservation_failures_total",
+            "counter",
+            "Block reservations that failed at etcd (claim, refresh or compare-and-swap), each retried after a backoff.",
+            self.generator.stats().ledger_failures.load(Ordering::Relaxed) as f64,
         );
         p.single(
             "tradeid_etcd_last_success_timestamp_seconds",

@@ -21,6 +21,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tradeid::state::{Integrity, StateError};
 
 use crate::dataplane::Server;
+use crate::errors::SecondSignal;
 use metrics::Observer;
 use systemd::Notifier;
 
@@ -43,12 +44,22 @@ pub(crate) struct Config {
 
 /// Runs the control plane until SIGTERM/SIGINT (exit 0 after a clean stop)
 /// or until a worker dies (an error, so systemd restarts us).
+///
+/// A second signal while the workers drain returns [`SecondSignal`] at
+/// once, without waiting for them: the caller ends the process (this code
+/// never exits it).
 pub(crate) fn run(server: Server, config: Config) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the control-plane runtime")?;
-    runtime.block_on(control(server, config))
+    let result = runtime.block_on(control(server, config));
+    if result.as_ref().is_err_and(|e| e.is::<SecondSignal>()) {
+        // The workers may still be draining (or wedged) on a blocking
+        // thread: dropping the runtime would wait for them.
+        runtime.shutdown_background();
+    }
+    result
 }
 
 async fn control(server: Server, config: Config) -> anyhow::Result<()> {
@@ -130,7 +141,7 @@ async fn control(server: Server, config: Config) -> anyhow::Result<()> {
                     break Err(anyhow::anyhow!("a worker thread stopped unexpectedly"));
                 }
                 capacity.check(observer.used_fraction());
-                send_errors.check(observer.send_failures());
+                send_errors.check(&observer.send_failures());
                 if let Some(grpc) = grpc.as_mut() {
                     grpc.update_health().await;
                 }
@@ -179,19 +190,19 @@ async fn control(server: Server, config: Config) -> anyhow::Result<()> {
     };
     tracing::info!(signal = signal_name, "stopping: answering queued requests, then exiting");
     notifier.send("STOPPING=1");
-    // A second signal means "now": exit at once. Every ID already sent is
-    // covered by a flushed mark, so nothing is lost either way.
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = int.recv() => {},
+    // A second signal means "now": the caller ends the process at once
+    // (see `run`). Every ID already sent is covered by a flushed mark, so
+    // nothing is lost either way.
+    let stopping = tokio::task::spawn_blocking(move || workers.stop());
+    tokio::select! {
+        stopped = stopping => {
+            stopped.context("shutdown task")??;
+            tracing::info!("stopped cleanly");
+            Ok(())
         }
-        let _ = writeln!(std::io::stderr(), "tradeid: second signal, exiting at once");
-        std::process::exit(1);
-    });
-    tokio::task::spawn_blocking(move || workers.stop()).await.context("shutdown task")??;
-    tracing::info!("stopped cleanly");
-    Ok(())
+        _ = term.recv() => Err(SecondSignal.into()),
+        _ = int.recv() => Err(SecondSignal.into()),
+    }
 }
 
 /// Prints a line for scripts and tests on stdout ("listening on ADDR").
@@ -202,30 +213,55 @@ fn announce(line: &str) {
     let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
 }
 
-/// Logs refused replies at most once a minute, with the latest OS error:
-/// the workers only count them (a log line per datagram could be provoked
-/// from outside).
+/// Logs refused replies at most once a minute, with the OS error of the
+/// latest refusal of each worker that had one since the last report: the
+/// workers only count them (a log line per datagram could be provoked from
+/// outside).
 #[derive(Default)]
 struct SendErrorLog {
-    logged: u64,
+    /// Per worker, the refused replies already reported.
+    logged: Vec<u64>,
     at: Option<Instant>,
 }
 
 impl SendErrorLog {
     const EVERY: Duration = Duration::from_secs(60);
 
-    fn check(&mut self, (total, errno): (u64, Option<i32>)) {
-        if total == self.logged || self.at.is_some_and(|at| at.elapsed() < Self::EVERY) {
-            return;
+    fn check(&mut self, per_worker: &[(u64, i32)]) {
+        if let Some(line) = self.report(per_worker, Instant::now()) {
+            tracing::warn!("{line}");
         }
-        let error = errno.map_or_else(|| "unknown".to_string(), |e| std::io::Error::from_raw_os_error(e).to_string());
-        tracing::warn!(
-            refused = total - self.logged,
-            total,
-            "the kernel refused replies since the last report (latest error: {error}); check firewalls and the send buffer (--send-buffer)"
-        );
-        self.logged = total;
-        self.at = Some(Instant::now());
+    }
+
+    /// The line to log at `now`, if any: `per_worker` is each worker's
+    /// (refused replies so far, OS error of its latest refusal).
+    fn report(&mut self, per_worker: &[(u64, i32)], now: Instant) -> Option<String> {
+        self.logged.resize(per_worker.len(), 0);
+        let new: u64 =
+            per_worker.iter().zip(&self.logged).map(|(&(total, _), &logged)| total.saturating_sub(logged)).sum();
+        if new == 0 || self.at.is_some_and(|at| now.duration_since(at) < Self::EVERY) {
+            return None;
+        }
+        // Only workers refused since the last report: an errno a worker
+        // recorded long ago says nothing about the refusals now.
+        let mut errors: Vec<String> = Vec::new();
+        for (worker, (&(total, errno), &logged)) in per_worker.iter().zip(&self.logged).enumerate() {
+            if total > logged {
+                let error = if errno == 0 {
+                    "unknown error".to_string()
+                } else {
+                    std::io::Error::from_raw_os_error(errno).to_string()
+                };
+                errors.push(format!("worker {worker}: {error}"));
+            }
+        }
+        let total: u64 = per_worker.iter().map(|&(t, _)| t).sum();
+        self.logged = per_worker.iter().map(|&(t, _)| t).collect();
+        self.at = Some(now);
+        Some(format!(
+            "the kernel refused {new} replies since the last report ({total} in all; latest error per worker: {}); check firewalls and the send buffer (--send-buffer)",
+            errors.join(", ")
+        ))
     }
 }
 
@@ -247,5 +283,31 @@ impl CapacityAlarm {
             );
             self.warned += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The error named is each refusing worker's latest, never a stale one
+    /// of a worker that has been quiet since the last report.
+    #[test]
+    fn the_send_error_log_names_the_latest_errors() {
+        let mut log = SendErrorLog::default();
+        let start = Instant::now();
+        let eperm = std::io::Error::from_raw_os_error(libc::EPERM).to_string();
+        let enobufs = std::io::Error::from_raw_os_error(libc::ENOBUFS).to_string();
+        assert_eq!(log.report(&[(0, 0), (0, 0)], start), None, "nothing refused");
+        let first = log.report(&[(3, libc::EPERM), (0, 0)], start).unwrap();
+        assert!(first.contains("refused 3 replies") && first.contains(&format!("worker 0: {eperm}")), "{first}");
+        assert!(!first.contains("worker 1"), "{first}");
+        // Within the minute: counted, not logged.
+        assert_eq!(log.report(&[(3, libc::EPERM), (5, libc::ENOBUFS)], start + Duration::from_secs(10)), None);
+        let later = log.report(&[(3, libc::EPERM), (5, libc::ENOBUFS)], start + Duration::from_secs(61)).unwrap();
+        assert!(later.contains("refused 5 replies") && later.contains("8 in all"), "{later}");
+        assert!(later.contains(&format!("worker 1: {enobufs}")), "{later}");
+        assert!(!later.contains(&eperm), "worker 0 refused nothing since: {later}");
+        assert_eq!(log.report(&[(3, libc::EPERM), (5, libc::ENOBUFS)], start + Duration::from_secs(200)), None);
     }
 }

@@ -26,7 +26,7 @@ pub use counters::Counters;
 pub(crate) use counters::BATCH_BUCKETS;
 
 use crate::cluster::{self, ledger::ClusterStats, ledger::EtcdLedger};
-use crate::exit::ConfigError;
+use crate::errors::ConfigError;
 
 /// What the data plane needs to start.
 #[derive(Debug, Clone)]

@@ -407,7 +407,10 @@ impl SendBatch {
     }
 
     /// Queues the next datagram's first `len` bytes for a connected
-    /// socket's peer.
+    /// socket's peer: the client side (the load generator sends its
+    /// requests this way). It stays here, not in the load generator,
+    /// because [`send`](Self::send) is what turns the missing address into
+    /// a null `msg_name`.
     #[inline]
     pub fn queue_to_peer(&mut self, len: usize) {
         debug_assert!(len <= self.slot_len && !self.is_full());

@@ -9,7 +9,8 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use super::format::{encode_slot, Header};
-use super::{io_err, StateError};
+use super::lock::lock_path;
+use super::{io_err, parent_dir, StateError};
 
 /// Creates the state file at each path (mirrors share one header).
 ///
@@ -21,7 +22,7 @@ use super::{io_err, StateError};
 pub fn create(paths: &[PathBuf], header: &Header) -> Result<(), StateError> {
     // A server holding a path (even one whose file was just deleted) keeps
     // init away from it.
-    let _locks = paths.iter().map(|p| super::store::lock_path(p)).collect::<Result<Vec<_>, _>>()?;
+    let _locks = paths.iter().map(|p| lock_path(p)).collect::<Result<Vec<_>, _>>()?;
     check_none_exist(paths)?;
     let g = &header.geometry;
     let mut contents = Vec::with_capacity(g.file_len() as usize);
@@ -152,13 +153,6 @@ pub(crate) fn replace_durably(path: &Path, contents: &[u8]) -> Result<(), StateE
     }
     result.map_err(io_err("cannot replace", path))?;
     File::open(&dir).and_then(|d| d.sync_all()).map_err(io_err("cannot fsync directory", &dir))
-}
-
-fn parent_dir(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    }
 }
 
 /// `.NAME.tmp-PID` beside `path`.

@@ -1,9 +1,13 @@
 //! The state file: the only durable memory of which IDs were handed out.
 //!
-//! - [`format`](self::format): the bytes: header, slots, checksums. Pure.
+//! - `format`: the bytes: header, slots, checksums. Pure.
 //! - `create`: durable creation that never overwrites.
+//! - `lock`: the file's `flock` and the lock on its path.
 //! - `store`: the open, locked, mapped file and its mirrors; the crate's
 //!   only mmap `unsafe`.
+//!
+//! The submodules are private; what they offer is re-exported here, so
+//! `tradeid::state::X` is the one name of everything.
 //!
 //! It never guesses: a file it cannot fully validate is refused with an
 //! error naming the file and the problem, and it is never re-initialised.
@@ -46,12 +50,14 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 mod create;
-pub mod format;
-pub(crate) mod store;
+mod format;
+mod lock;
+mod store;
 
 pub use create::{create, create_durably};
 pub use format::{
     check_cluster_name, decode_shard, encode_slot, ClusterBinding, Geometry, Header, SlotState, Snapshot, SpaceId,
+    CLUSTER_NAME_MAX, HEADER_LEN, SHARD_RECORD_LEN, SLOT_LEN,
 };
 pub use store::{Integrity, OpenReport, Store};
 
@@ -217,6 +223,14 @@ fn list(paths: &[PathBuf]) -> String {
 
 fn delete_list(paths: &[PathBuf]) -> String {
     paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" and ")
+}
+
+/// The directory `path` is in (`.` for a bare file name).
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    }
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StateError + 'a {

@@ -17,7 +17,6 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -29,6 +28,7 @@ use super::create::{create_durably, replace_durably};
 use super::format::{
     decode_file, decode_shard, encode_slot, slot_offset, Header, SlotState, HEADER_LEN, SHARD_RECORD_LEN, SLOT_LEN,
 };
+use super::lock::{lock_file, lock_path, PathLock};
 use super::{io_err, StateError};
 
 /// What [`Store::open`] found worth telling the operator.
@@ -63,7 +63,7 @@ struct Mirror {
     file: File,
     map: MmapRaw,
     /// Held for the path lock, which lasts as long as the process.
-    _path_lock: UnixListener,
+    _path_lock: PathLock,
 }
 
 /// What [`Store::verify`] found.
@@ -527,11 +527,7 @@ fn open_one(path: &Path, report: &mut OpenReport) -> Result<(Mirror, Header, Vec
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StateError::NotFound { path: path.to_owned() }),
         Err(e) => return Err(io_err("cannot open state file", path)(e)),
     };
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => return Err(StateError::Locked { path: path.to_owned() }),
-        Err(std::fs::TryLockError::Error(e)) => return Err(io_err("cannot lock state file", path)(e)),
-    }
+    lock_file(&file, path)?;
     let path_lock = lock_path(path)?;
     let contents = std::fs::read(path).map_err(io_err("cannot read state file", path))?;
     let (header, slots) = decode_file(path, &contents)?;
@@ -546,36 +542,6 @@ fn open_one(path: &Path, report: &mut OpenReport) -> Result<(Mirror, Header, Vec
         return Err(StateError::Shrunk { path: path.to_owned(), found: map.len() as u64 });
     }
     Ok((Mirror { path: path.to_owned(), file, map, _path_lock: path_lock }, header, slots))
-}
-
-/// Locks the path itself, whatever inode it names: binds an abstract Unix
-/// socket named after the canonical path, which no other process in this
-/// network namespace can bind while this one lives, and which the kernel
-/// releases when it dies (there is no lock file to go stale or delete).
-///
-/// The name comes from the canonical directory and the file name, so it is
-/// the same whether or not the file exists (`init` takes it too).
-pub(crate) fn lock_path(path: &Path) -> Result<UnixListener, StateError> {
-    use sha2::{Digest, Sha256};
-    use std::os::linux::net::SocketAddrExt;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let name = path.file_name().ok_or_else(|| StateError::Io {
-        what: "the path has no file name:",
-        path: path.to_owned(),
-        source: io::ErrorKind::InvalidInput.into(),
-    })?;
-    let canonical = std::fs::canonicalize(dir).map_err(io_err("cannot resolve the directory of", path))?.join(name);
-    let digest = Sha256::digest(canonical.as_os_str().as_encoded_bytes());
-    let name: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-    let addr = std::os::unix::net::SocketAddr::from_abstract_name(format!("tradeid-state-{name}"))
-        .map_err(io_err("cannot name the path lock of state file", path))?;
-    UnixListener::bind_addr(&addr).map_err(|e| match e.kind() {
-        io::ErrorKind::AddrInUse => StateError::Locked { path: path.to_owned() },
-        _ => io_err("cannot take the path lock of state file", path)(e),
-    })
 }
 
 #[cfg(test)]
