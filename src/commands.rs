@@ -18,7 +18,9 @@ use tradeid::{GenError, Generator, GeneratorConfig};
 use crate::cluster::{self, Etcd};
 use crate::config::{cluster_options, ServeConfig};
 use crate::exit::{ConfigError, Exhausted, Unreachable};
-use crate::flags::{Cli, Command, DecodeArgs, GenArgs, GetArgs, InitArgs, InspectArgs, KeygenArgs, ServeArgs};
+use crate::flags::{
+    Cli, Command, DecodeArgs, GenArgs, GetArgs, InitArgs, InspectArgs, KeygenArgs, RaiseMarksArgs, ServeArgs,
+};
 use crate::{control, dataplane};
 
 /// `println!` that returns a failed write as an error instead of
@@ -43,6 +45,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Gen(args) => gen(args),
         Command::Inspect(args) => inspect(args),
         Command::Decode(args) => decode(args),
+        Command::RaiseMarks(args) => raise_marks(args),
     }
 }
 
@@ -432,5 +435,70 @@ fn inspect_cluster(options: &cluster::Options) -> anyhow::Result<()> {
     if !orphans.is_empty() {
         say!("claims of nodes no longer registered (they expire with their lease): {}", orphans.join(", "));
     }
+    Ok(())
+}
+
+/// `raise-marks --state FILE --etcd URLS --cluster NAME`: after etcd was
+/// restored from a backup (or lost its data), raise every shard mark in
+/// etcd that is below this stopped node's state file, so that no node
+/// reissues what this one handed out; if etcd lost the cluster's metadata
+/// too, write it again from the file (which holds the cluster's id, key and
+/// geometry). Marks only rise: running it twice, or for a node that was
+/// never behind, changes nothing. Serves nothing.
+fn raise_marks(args: RaiseMarksArgs) -> anyhow::Result<()> {
+    let Some(options) = cluster_options(&args.etcd, etcd_password())? else {
+        bail!(ConfigError("raise-marks needs --etcd URLS and --cluster NAME: the cluster whose marks to raise".into()));
+    };
+    // Locked like `serve`: a node that still serves could reserve below the
+    // marks while they are being raised, so it must be stopped first.
+    let (store, _report) = Store::open(&args.state).context("raise-marks works on a stopped node's state file")?;
+    let path = store.path().display().to_string();
+    let (Some(binding), Some(file_meta)) = (store.header().cluster, cluster::Meta::of_file(store.header())) else {
+        bail!(ConfigError(format!(
+            "state file {path} is not a cluster node's (it was not made with `tradeid init --etcd`); it has no marks in etcd to raise"
+        )));
+    };
+    if binding.name() != options.name {
+        bail!(ConfigError(format!(
+            "state file {path} belongs to cluster {:?}, not {:?} (--cluster)",
+            binding.name(),
+            options.name
+        )));
+    }
+    let etcd = Etcd::connect(&options)?;
+    let meta = match etcd.meta()? {
+        Some(meta) => meta,
+        None => {
+            let meta = etcd.write_meta_if_absent(&file_meta)?.context("the cluster metadata vanished while written")?;
+            if meta.same_space(&file_meta) {
+                say!("the cluster's metadata {} was missing from etcd; wrote it again from {path}", etcd.key("meta"));
+            }
+            meta
+        }
+    };
+    if !meta.same_space(&file_meta) {
+        bail!(ConfigError(format!(
+            "state file {path} was made for cluster {:?} with id {:016x}, but the cluster of that name in etcd at {} has id {:016x} (or another key or geometry): it is another ID space, whose marks this file says nothing about",
+            options.name,
+            file_meta.cluster_id,
+            etcd.endpoints(),
+            meta.cluster_id
+        )));
+    }
+    let marks = etcd.marks(meta.shard_count())?;
+    let mut raised = 0;
+    for (shard, etcd_mark) in (0..meta.shard_count()).zip(marks) {
+        let local = store.mark(shard);
+        if etcd_mark < local {
+            raised += u32::from(etcd.raise_mark(shard, etcd_mark, local)?.1);
+        }
+    }
+    say!(
+        "cluster {:?} (id {:016x}) in etcd at {}: raised {raised} of {} shard marks to state file {path}'s; the others were at or above it already",
+        options.name,
+        meta.cluster_id,
+        etcd.endpoints(),
+        meta.shard_count()
+    );
     Ok(())
 }

@@ -259,6 +259,63 @@ fn a_full_etcd_outage_is_ridden_through_on_held_blocks() {
     assert!(node.stderr().contains("reservations resumed"), "{}", node.stderr());
 }
 
+/// Asks `addr` for 4 IDs at a time until it answers !ERR507 20 times in a
+/// row (within 60 s); returns every ID it handed out.
+fn drain(addr: SocketAddr) -> Vec<String> {
+    let socket = client_socket(addr, Duration::from_secs(2));
+    let mut ids = Vec::new();
+    let mut buf = [0u8; 2048];
+    let mut exhausted_in_a_row = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while exhausted_in_a_row < 20 {
+        assert!(Instant::now() < deadline, "node {addr} never exhausted");
+        socket.send(&request(4)).unwrap();
+        let n = socket.recv(&mut buf).expect("reply");
+        match &buf[..n] {
+            b"!ERR507" => exhausted_in_a_row += 1,
+            b"!ERR503" => std::thread::sleep(Duration::from_millis(2)),
+            reply => {
+                exhausted_in_a_row = 0;
+                ids.extend(ids_of(reply));
+            }
+        }
+    }
+    ids
+}
+
+/// Drains every node at once; every ID they handed out.
+fn drain_all(addrs: &[SocketAddr]) -> Vec<String> {
+    std::thread::scope(|s| {
+        let threads: Vec<_> = addrs.iter().map(|&a| s.spawn(move || drain(a))).collect();
+        threads.into_iter().flat_map(|t| t.join().unwrap()).collect()
+    })
+}
+
+/// Asks `addr` for 4 IDs at a time until `n` IDs arrived.
+fn take(addr: SocketAddr, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    while ids.len() < n {
+        ids.extend(fetch(addr, 4));
+    }
+    ids
+}
+
+/// The node id a cluster node registered under (from its metrics).
+fn node_id(node: &Daemon) -> String {
+    let metrics = node.http_get("/metrics").1;
+    let line = metrics.lines().find(|l| l.starts_with("tradeid_cluster_info{")).expect("cluster info");
+    line.split("node=\"").nth(1).unwrap().split('"').next().unwrap().to_string()
+}
+
+/// Polls `check` every 100 ms until it holds or `limit` passes.
+fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Runs `nodes` one-worker nodes of a small cluster until every node
 /// answers !ERR507 many times in a row; returns every ID they handed out
 /// and the nodes (for their metrics).
@@ -281,36 +338,7 @@ fn drain_small_cluster(
         .iter()
         .map(|s| serve_node(s, &e, cluster, &["--workers", "1", "--block-max", block_max, "--max-batch", "4"]))
         .collect();
-    let ids = std::thread::scope(|s| {
-        let threads: Vec<_> = daemons
-            .iter()
-            .map(|d| {
-                let addr = d.addr;
-                s.spawn(move || {
-                    let socket = client_socket(addr, Duration::from_secs(2));
-                    let mut ids = Vec::new();
-                    let mut buf = [0u8; 2048];
-                    let mut exhausted_in_a_row = 0;
-                    let deadline = Instant::now() + Duration::from_secs(60);
-                    while exhausted_in_a_row < 20 {
-                        assert!(Instant::now() < deadline, "node {addr} never exhausted");
-                        socket.send(&request(4)).unwrap();
-                        let n = socket.recv(&mut buf).expect("reply");
-                        match &buf[..n] {
-                            b"!ERR507" => exhausted_in_a_row += 1,
-                            b"!ERR503" => std::thread::sleep(Duration::from_millis(2)),
-                            reply => {
-                                exhausted_in_a_row = 0;
-                                ids.extend(ids_of(reply));
-                            }
-                        }
-                    }
-                    ids
-                })
-            })
-            .collect();
-        threads.into_iter().flat_map(|t| t.join().unwrap()).collect()
-    });
+    let ids = drain_all(&daemons.iter().map(|d| d.addr).collect::<Vec<_>>());
     drop(dir);
     (ids, daemons, etcd)
 }
@@ -671,4 +699,203 @@ fn etcd_over_tls_with_client_certificates() {
     serve.extend_from_slice(&tls_args);
     let node = Daemon::start(&state, &serve);
     ids_of(&exchange(node.addr, &request(5), Duration::from_secs(2)).unwrap());
+}
+
+/// Flags for small, fast-moving nodes: one worker, blocks of at most 64,
+/// requests of at most 4.
+const SMALL: [&str; 6] = ["--workers", "1", "--block-max", "64", "--max-batch", "4"];
+
+/// etcd restored from an old backup while two nodes run, racing for the
+/// one shard of a small space: each node has read the shard's latest mark,
+/// but etcd now says the shard is untouched. Neither may reserve below what
+/// it knew: the one whose own file is behind the other's blocks would
+/// otherwise hand out the other's IDs again.
+#[test]
+fn a_node_never_reserves_below_a_mark_it_knew_when_etcd_goes_back() {
+    let mut etcd = Etcd::single();
+    let e = etcd.endpoints();
+    let dir = tempfile::tempdir().unwrap();
+    let a = init_node(dir.path(), "a", &e, "back", &["--width", "10", "--shard-bits", "10"]);
+    let b = init_node(dir.path(), "b", &e, "back", &[]);
+    let backup = dir.path().join("backup.db");
+    etcd.snapshot(&backup); // the cluster, no mark yet
+    let nodes = [serve_node(&a, &e, "back", &SMALL), serve_node(&b, &e, "back", &SMALL)];
+    let mut seen = HashSet::new();
+    for _ in 0..75 {
+        for node in &nodes {
+            insert_unique(&mut seen, fetch(node.addr, 4));
+        }
+    }
+    // Long enough for each node's periodic re-read of every mark.
+    std::thread::sleep(Duration::from_millis(4500));
+    let before = etcd.marks("back");
+    assert!(before[&0] > 600, "{before:?}");
+    // The node whose own file is behind (the other reserved last) goes
+    // first: its file alone would let it start inside the other's blocks.
+    let local = |state: &Path| tradeid::state::Snapshot::read(state).unwrap().marks[0];
+    let (behind, ahead) = if local(&a) < local(&b) { (0, 1) } else { (1, 0) };
+    etcd.restore(&backup);
+    assert!(etcd.marks("back").is_empty(), "the backup has no mark");
+    // At once, before any periodic re-assertion: more than it holds.
+    insert_unique(&mut seen, take(nodes[behind].addr, 200));
+    for id in drain_all(&[nodes[ahead].addr, nodes[behind].addr]) {
+        assert!(seen.insert(id.clone()), "{id} issued again after etcd went back (marks before: {before:?})");
+    }
+    assert!(seen.len() <= 1024);
+    let rollbacks: f64 = nodes.iter().map(|n| n.metric("tradeid_etcd_rollbacks_total")).sum();
+    assert!(rollbacks >= 1.0, "the rollback went unnoticed");
+    assert!(nodes.iter().any(|n| n.stderr().contains("ROLLBACK: etcd's marks went back")));
+}
+
+/// etcd restored from an old backup while nodes run and sit idle: every
+/// live node re-reads the marks every few seconds and raises those below
+/// what it knows, so etcd is healed within seconds, with no request; a node
+/// that joins afterwards then cannot reissue anything.
+#[test]
+fn a_restored_etcd_is_healed_by_the_live_nodes_within_seconds() {
+    let mut etcd = Etcd::single();
+    let e = etcd.endpoints();
+    let dir = tempfile::tempdir().unwrap();
+    let a = init_node(dir.path(), "a", &e, "heal", &["--width", "13", "--shard-bits", "10"]);
+    let b = init_node(dir.path(), "b", &e, "heal", &[]);
+    let backup = dir.path().join("backup.db");
+    etcd.snapshot(&backup);
+    let mut nodes = vec![serve_node(&a, &e, "heal", &SMALL), serve_node(&b, &e, "heal", &SMALL)];
+    let mut seen = HashSet::new();
+    for node in &nodes {
+        insert_unique(&mut seen, take(node.addr, 2000));
+    }
+    let before = etcd.marks("heal");
+    assert!(before.len() >= 4, "{before:?}");
+    etcd.restore(&backup);
+    let healed_at = Instant::now();
+    eventually(Duration::from_secs(20), "etcd's marks raised back", || {
+        let now = etcd.marks("heal");
+        before.iter().all(|(shard, mark)| now.get(shard).is_some_and(|m| m >= mark))
+    });
+    eprintln!("healed {:?} after etcd came back", healed_at.elapsed());
+    let raised: f64 = nodes.iter().map(|n| n.metric("tradeid_etcd_marks_raised_total")).sum();
+    assert!(raised >= before.len() as f64, "{raised} marks raised for {} shards", before.len());
+    // A node that joins now, and the two that ran, drain the rest.
+    let c = init_node(dir.path(), "c", &e, "heal", &[]);
+    nodes.push(serve_node(&c, &e, "heal", &SMALL));
+    for id in drain_all(&nodes.iter().map(|n| n.addr).collect::<Vec<_>>()) {
+        assert!(seen.insert(id.clone()), "{id} issued twice");
+    }
+    assert_eq!(seen.len(), 1 << 13, "the whole space, each ID once");
+}
+
+/// A node whose state file is ahead of etcd (etcd restored from a backup
+/// while the node was down) raises etcd's marks when it starts, so a node
+/// that joins after it reissues nothing the first one handed out.
+#[test]
+fn a_node_ahead_of_etcd_raises_its_marks_at_start() {
+    let mut etcd = Etcd::single();
+    let e = etcd.endpoints();
+    let dir = tempfile::tempdir().unwrap();
+    let a = init_node(dir.path(), "a", &e, "ahead", &["--width", "13", "--shard-bits", "10"]);
+    let backup = dir.path().join("backup.db");
+    etcd.snapshot(&backup);
+    let mut first = serve_node(&a, &e, "ahead", &SMALL);
+    let mut seen = HashSet::new();
+    insert_unique(&mut seen, take(first.addr, 3000));
+    first.kill9();
+    etcd.restore(&backup);
+    let first = serve_node(&a, &e, "ahead", &SMALL);
+    assert!(first.stderr().contains("raised"), "{}", first.stderr());
+    assert!(first.metric("tradeid_etcd_rollbacks_total") >= 1.0);
+    let b = init_node(dir.path(), "b", &e, "ahead", &[]);
+    let second = serve_node(&b, &e, "ahead", &SMALL);
+    for id in drain_all(&[first.addr, second.addr]) {
+        assert!(seen.insert(id.clone()), "{id} issued twice");
+    }
+}
+
+/// The procedure after an etcd restore (docs/cluster.md): with every node
+/// stopped, `raise-marks` raises the marks to each node's file (and writes
+/// the cluster's metadata again when the backup predates the cluster);
+/// only then does any node serve. A node that joins then reissues nothing.
+#[test]
+fn raise_marks_restores_the_cluster_from_the_nodes_state_files() {
+    let mut etcd = Etcd::single();
+    let e = etcd.endpoints();
+    let dir = tempfile::tempdir().unwrap();
+    let backup = dir.path().join("backup.db");
+    etcd.snapshot(&backup); // before the cluster existed
+    let a = init_node(dir.path(), "a", &e, "proc", &["--width", "13", "--shard-bits", "10"]);
+    let b = init_node(dir.path(), "b", &e, "proc", &[]);
+    let mut seen = HashSet::new();
+    for state in [&a, &b] {
+        let mut node = serve_node(state, &e, "proc", &SMALL);
+        insert_unique(&mut seen, take(node.addr, 2500));
+        node.kill9();
+    }
+    etcd.restore(&backup);
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    // Serving first is refused, and says what to do.
+    let out = run(&["serve", "--state", &path(&a), "--listen", "127.0.0.1:0", "--etcd", &e, "--cluster", "proc"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("tradeid raise-marks") && err.contains("docs/cluster.md"), "{err}");
+    let raise = |state: &Path| run(&["raise-marks", "--state", &path(state), "--etcd", &e, "--cluster", "proc"]);
+    let out = raise(&a);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("was missing from etcd; wrote it again from"), "{text}");
+    assert!(text.contains("raised ") && !text.contains("raised 0 "), "{text}");
+    let out = raise(&b);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("raised 0 "), "{}", String::from_utf8_lossy(&out.stdout));
+    // Marks only rise: running it again changes nothing.
+    assert!(String::from_utf8_lossy(&raise(&b).stdout).contains("raised 0 "));
+    // A new node joins the restored cluster and drains it.
+    let c = init_node(dir.path(), "c", &e, "proc", &[]);
+    let node = serve_node(&c, &e, "proc", &SMALL);
+    for id in drain(node.addr) {
+        assert!(seen.insert(id.clone()), "{id} issued twice");
+    }
+    // The old nodes serve again too, and a running node's file is refused.
+    let running = serve_node(&a, &e, "proc", &SMALL);
+    let out = raise(&a);
+    assert_eq!(out.status.code(), Some(69), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(exchange(running.addr, &request(1), Duration::from_secs(2)).unwrap(), b"!ERR507", "exhausted");
+}
+
+/// The cluster's metadata deleted from under running nodes (etcd wiped):
+/// the node stops reserving, loudly, serves what it holds, and recreates
+/// nothing.
+#[test]
+fn a_vanished_cluster_stops_reservations() {
+    let etcd = Etcd::single();
+    let e = etcd.endpoints();
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_node(dir.path(), "n", &e, "gone", &["--width", "13", "--shard-bits", "10"]);
+    let node = serve_node(&state, &e, "gone", &SMALL);
+    let mut seen = HashSet::new();
+    insert_unique(&mut seen, take(node.addr, 100));
+    assert!(etcd.etcdctl(&["del", "--prefix", "/tradeid/gone/"]).status.success());
+    eventually(Duration::from_secs(15), "readyz reports the stop", || {
+        let (status, body) = node.http_get("/readyz");
+        status == 503 && body.contains("reservations stopped") && body.contains("vanished")
+    });
+    assert_eq!(node.metric("tradeid_etcd_reservations_stopped"), 1.0);
+    assert!(node.stderr().contains("reservations stopped"), "{}", node.stderr());
+    // What it holds, then !ERR503 (never a new block).
+    let socket = client_socket(node.addr, Duration::from_secs(2));
+    let mut buf = [0u8; 64];
+    let mut served = 0;
+    loop {
+        socket.send(&request(4)).unwrap();
+        let n = socket.recv(&mut buf).unwrap();
+        if &buf[..n] == b"!ERR503" {
+            break;
+        }
+        let ids = ids_of(&buf[..n]);
+        served += ids.len();
+        insert_unique(&mut seen, ids);
+        assert!(served <= 128, "served more than two blocks of 64 after the stop");
+    }
+    assert!(etcd.marks("gone").is_empty(), "marks written into a vanished cluster");
+    let meta = etcd.etcdctl(&["get", "/tradeid/gone/meta"]);
+    assert!(meta.stdout.is_empty(), "the metadata was recreated");
 }

@@ -115,6 +115,12 @@ impl Daemon {
         let _ = self.child.wait();
     }
 
+    /// Sends `signal` (e.g. `STOP`, `CONT`) and returns at once.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill").args([&format!("-{signal}"), &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
     /// Sends `signal` and waits up to `limit` for the exit.
     pub fn signal_and_wait(&mut self, signal: &str, limit: Duration) -> Option<ExitStatus> {
         Command::new("kill").args([&format!("-{signal}"), &self.child.id().to_string()]).status().unwrap();
@@ -155,6 +161,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // A stopped process (SIGSTOP) dies of SIGKILL all the same.
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{self as channel, Receiver, Sender, TryRecvError};
+use crossbeam_channel::{self as channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
 
 use crate::hooks::{self, TestHooks};
 use crate::id::{encode_word, Id, Permutation, ID_LEN};
@@ -429,7 +429,25 @@ impl Reserver {
     }
 
     fn run(mut self, inbox: Receiver<Request>) {
-        for request in inbox {
+        let every = self.ledger.maintenance_every();
+        let mut maintain_at = every.map(|e| Instant::now() + e);
+        loop {
+            let request = match maintain_at {
+                None => inbox.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Some(at) => inbox.recv_deadline(at),
+            };
+            // Busy or idle, the ledger's housekeeping runs on time.
+            if let (Some(at), Some(every)) = (maintain_at, every) {
+                if Instant::now() >= at {
+                    self.ledger.maintain(&self.shared.store);
+                    maintain_at = Some(Instant::now() + every);
+                }
+            }
+            let request = match request {
+                Ok(request) => request,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
             match request {
                 Request::Register { worker, reply } => {
                     if self.workers.len() <= worker {
