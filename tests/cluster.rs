@@ -494,19 +494,9 @@ fn mismatched_files_and_clusters_are_refused() {
 /// exit 77; the right ones, read from a file, serve.
 #[test]
 fn etcd_authentication_refuses_wrong_credentials_and_serves_right_ones() {
-    let etcd = Etcd::single();
+    let mut etcd = Etcd::single();
     let e = etcd.endpoints();
-    for args in [
-        vec!["user", "add", "root:rootpw"],
-        vec!["user", "add", "tradeid:s3cret"],
-        vec!["role", "add", "tradeid"],
-        vec!["role", "grant-permission", "tradeid", "--prefix=true", "readwrite", "/tradeid/"],
-        vec!["user", "grant-role", "tradeid", "tradeid"],
-        vec!["auth", "enable"],
-    ] {
-        let out = etcd.etcdctl(&args);
-        assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    etcd.enable_auth();
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good");
     std::fs::write(&good, "s3cret\n").unwrap();
@@ -559,6 +549,27 @@ fn etcd_authentication_refuses_wrong_credentials_and_serves_right_ones() {
         good.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // serve, too, refuses a wrong password at once, once, with EX_NOPERM.
+    let out = run(&[
+        "serve",
+        "--state",
+        state_arg,
+        "--listen",
+        "127.0.0.1:0",
+        "--etcd",
+        &e,
+        "--cluster",
+        "secure",
+        "--etcd-user",
+        "tradeid",
+        "--etcd-password-file",
+        bad.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(77), "{err}");
+    assert!(err.contains(&format!("etcd at {e}")) && err.contains("check --etcd-user and the password"), "{err}");
+    assert_eq!(err.matches("authentication failed").count(), 1, "printed once: {err}");
+    assert!(!err.contains("waiting for etcd"), "a refusal is not waited out: {err}");
     let node = Daemon::start_with(
         &state,
         &["--etcd", &e, "--cluster", "secure", "--etcd-user", "tradeid"],
@@ -898,4 +909,63 @@ fn a_vanished_cluster_stops_reservations() {
     assert!(etcd.marks("gone").is_empty(), "marks written into a vanished cluster");
     let meta = etcd.etcdctl(&["get", "/tradeid/gone/meta"]);
     assert!(meta.stdout.is_empty(), "the metadata was recreated");
+}
+
+/// etcd's auth tokens expire (here after 1 s unused; `--auth-token-ttl`,
+/// 300 s by default): a node logs in again when its token is refused, and
+/// keeps reserving fresh blocks well past the token's life.
+#[test]
+fn an_expired_etcd_auth_token_is_renewed() {
+    let mut etcd = Etcd::single_with(&["--auth-token-ttl", "1"]);
+    let e = etcd.endpoints();
+    etcd.enable_auth();
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("password");
+    std::fs::write(&password, "s3cret\n").unwrap();
+    let auth = ["--etcd-user", "tradeid", "--etcd-password-file", password.to_str().unwrap()];
+    let mut init = vec!["--width", "20", "--shard-bits", "12"];
+    init.extend_from_slice(&auth);
+    let state = init_node(dir.path(), "n", &e, "tokens", &init);
+    let mut flags = SMALL.to_vec();
+    flags.extend_from_slice(&auth);
+    let node = serve_node(&state, &e, "tokens", &flags);
+    let mut seen = HashSet::new();
+    let mut committed = node.metric("tradeid_etcd_txn_total{result=\"committed\"}");
+    for round in 0..4 {
+        // Several times the token's life with nothing sent to etcd.
+        std::thread::sleep(Duration::from_secs(3));
+        // More than the node holds: it must reserve again.
+        insert_unique(&mut seen, take(node.addr, 300));
+        let now = node.metric("tradeid_etcd_txn_total{result=\"committed\"}");
+        assert!(now >= committed + 3.0, "round {round}: only {} new reservations", now - committed);
+        committed = now;
+    }
+    assert!(!node.stderr().contains("cannot reserve a block"), "{}", node.stderr());
+}
+
+/// `serve` with authentication waits for a down etcd as it does without:
+/// logging in is part of the bounded wait at start, not a reason to exit.
+#[test]
+fn serve_with_authentication_waits_for_etcd_to_come_up() {
+    let mut etcd = Etcd::single();
+    let e = etcd.endpoints();
+    etcd.enable_auth();
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("password");
+    std::fs::write(&password, "s3cret\n").unwrap();
+    let auth = ["--etcd-user", "tradeid", "--etcd-password-file", password.to_str().unwrap()];
+    let state = init_node(dir.path(), "n", &e, "late", &auth);
+    etcd.kill_all();
+    let started = std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_secs(3));
+            etcd.restart_all();
+        });
+        let mut flags = vec!["--etcd", e.as_str(), "--cluster", "late"];
+        flags.extend_from_slice(&auth);
+        Daemon::start_with(&state, &flags, &[])
+    });
+    let node = started.expect("serve waited for etcd to come up");
+    assert!(node.stderr().contains("waiting for etcd"), "{}", node.stderr());
+    ids_of(&exchange(node.addr, &request(5), Duration::from_secs(2)).unwrap());
 }

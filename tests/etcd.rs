@@ -28,6 +28,8 @@ pub struct Etcd {
     tls: Option<Tls>,
     /// More flags for every member (e.g. `--auth-token-ttl`).
     extra: Vec<String>,
+    /// Whether authentication is on (then health is asked of etcdctl).
+    auth: bool,
 }
 
 /// TLS material for a member's client port.
@@ -70,7 +72,7 @@ impl Etcd {
             .map(|i| Member { name: format!("m{i}"), client: free_port(), peer: free_port(), child: None })
             .collect();
         let extra = extra.iter().map(|a| a.to_string()).collect();
-        let mut etcd = Etcd { members, dir, tls, extra };
+        let mut etcd = Etcd { members, dir, tls, extra, auth: false };
         for i in 0..count {
             etcd.start_member(i);
         }
@@ -185,7 +187,7 @@ impl Etcd {
         let deadline = Instant::now() + limit;
         loop {
             let ok = self.members.iter().filter(|m| m.child.is_some()).any(|m| {
-                if self.tls.is_some() {
+                if self.tls.is_some() || self.auth {
                     self.etcdctl(&["endpoint", "health"]).status.success()
                 } else {
                     post_json(m.client, "/v3/kv/put", r#"{"key":"aGVhbHRo","value":"b2s="}"#).is_some()
@@ -238,7 +240,7 @@ impl Etcd {
 
     /// Turns on etcd authentication with a `root` user and a user `tradeid`
     /// (password `s3cret`) allowed to read and write `/tradeid/`.
-    pub fn enable_auth(&self) {
+    pub fn enable_auth(&mut self) {
         for args in [
             vec!["user", "add", "root:rootpw"],
             vec!["user", "add", "tradeid:s3cret"],
@@ -250,6 +252,7 @@ impl Etcd {
             let out = self.etcdctl(&args);
             assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         }
+        self.auth = true;
     }
 
     /// Runs etcdctl against the live members.
@@ -258,6 +261,9 @@ impl Etcd {
         cmd.env("ETCDCTL_API", "3").arg(format!("--endpoints={}", self.live_endpoints().join(",")));
         if let Some(tls) = &self.tls {
             cmd.arg("--cacert").arg(&tls.ca).arg("--cert").arg(&tls.cert).arg("--key").arg(&tls.key);
+        }
+        if self.auth {
+            cmd.arg("--user=root:rootpw");
         }
         cmd.args(args).output().expect("cannot run etcdctl; the cluster tests need it (Debian's etcd-client)")
     }
