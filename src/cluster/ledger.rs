@@ -32,7 +32,8 @@ pub(crate) struct ClusterStats {
     pub(crate) last_success_unix: AtomicU64,
     /// Reservation txn latency, in microseconds.
     pub(crate) latency_micros: Mutex<hdrhistogram::Histogram<u64>>,
-    /// IDs used in the whole cluster, as this node last saw the marks.
+    /// IDs used in the whole cluster: the sum of the highest mark this node
+    /// knows for each shard (never above the capacity).
     pub(crate) cluster_used: AtomicU64,
     /// IDs the whole cluster can ever issue.
     pub(crate) capacity: u64,
@@ -102,6 +103,8 @@ pub(crate) struct EtcdLedger {
     /// vanished from etcd or changed): it serves what it holds, then
     /// `!ERR503`, until restarted.
     stopped: Option<String>,
+    /// Periodic re-assertions skipped in a row because etcd was down.
+    skipped: u32,
     membership: tokio::task::JoinHandle<()>,
 }
 
@@ -152,9 +155,11 @@ impl EtcdLedger {
             state,
         ));
         let count = meta.shard_count();
+        let seen: Vec<u64> = (0..count).map(|s| store.mark(s).min(meta.shard_size())).collect();
+        stats.cluster_used.store(seen.iter().sum(), Ordering::Relaxed);
         let mut ledger = EtcdLedger {
             expected: vec![None; count as usize],
-            seen: (0..count).map(|s| store.mark(s)).collect(),
+            seen,
             etcd,
             meta,
             stats: Arc::clone(&stats),
@@ -163,6 +168,7 @@ impl EtcdLedger {
             rollback_logged: None,
             mine: BTreeSet::new(),
             stopped: None,
+            skipped: 0,
             membership,
         };
         ledger.reassert()?;
@@ -179,7 +185,12 @@ impl EtcdLedger {
         let s = shard as usize;
         self.expected[s] = Some(mark);
         let rolled_back = mark < self.seen[s];
-        self.seen[s] = self.seen[s].max(mark);
+        // (A mark past the shard's end, from a hand-edited key, is "full".)
+        let known = mark.min(self.meta.shard_size());
+        if known > self.seen[s] {
+            self.stats.cluster_used.fetch_add(known - self.seen[s], Ordering::Relaxed);
+            self.seen[s] = known;
+        }
         if rolled_back {
             self.stats.rollbacks.fetch_add(1, Ordering::Relaxed);
         }
@@ -195,7 +206,6 @@ impl EtcdLedger {
     }
 
     fn take_marks(&mut self, marks: Vec<u64>) {
-        self.stats.cluster_used.store(marks.iter().sum(), Ordering::Relaxed);
         let rolled_back = (0..).zip(marks).filter(|&(shard, mark)| self.observe(shard, mark)).count();
         self.refreshed = Some(Instant::now());
         self.log_rollback(rolled_back);
@@ -410,7 +420,6 @@ impl Ledger for EtcdLedger {
             match self.cas(shard, expected, end).map_err(unavailable)? {
                 None => {
                     self.observe(shard, end);
-                    self.stats.cluster_used.fetch_add(end - expected, Ordering::Relaxed);
                     *self.stats.last_reservation.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some((shard, start, end, unix_now()));
                     return Ok(Advance::Block { start, end });
@@ -449,10 +458,18 @@ impl Ledger for EtcdLedger {
         Some(REASSERT_EVERY)
     }
 
-    /// The periodic re-assertion ([`EtcdLedger::reassert`]). A failure
-    /// (etcd unreachable) is already on the metrics and in the membership
-    /// task's warnings; the next interval tries again.
+    /// The periodic re-assertion ([`EtcdLedger::reassert`]), skipped while
+    /// etcd does not answer (the membership task notices its return within
+    /// seconds), so that an unreachable etcd does not also hold up the
+    /// reserver for a request timeout. A failure is already on the metrics
+    /// and in the membership task's warnings; the next interval tries again.
     fn maintain(&mut self, _store: &Store) {
+        // (Still tried every tenth time, in case only the membership fails.)
+        if !self.stats.up.load(Ordering::Relaxed) && self.skipped < 9 {
+            self.skipped += 1;
+            return;
+        }
+        self.skipped = 0;
         if self.stopped.is_none() {
             if let Err(e) = self.reassert() {
                 tracing::debug!("re-asserting the marks failed: {e:#}");
@@ -490,11 +507,13 @@ async fn membership(
     state: String,
 ) {
     let mut client = etcd.client.clone();
-    let mut stream: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> = None;
+    // The keep-alive stream, and the lease it keeps alive.
+    let mut stream: Option<(i64, etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> = None;
     let mut last_warning: Option<Instant> = None;
     let ttl = lease_ttl_seconds(&etcd);
     // Several keep-alives per TTL, so one lost to a hiccup is harmless.
     let every = (etcd.lease_ttl / 5).clamp(Duration::from_millis(200), Duration::from_secs(2));
+    let mut expired = false;
     loop {
         tokio::time::sleep(every).await;
         let step = async {
@@ -502,41 +521,62 @@ async fn membership(
             if id == 0 {
                 id = client.lease_grant(ttl, None).await?.id();
                 lease.store(id, Ordering::Release);
-                stream = None;
             }
-            if stream.is_none() {
-                stream = Some(client.lease_keep_alive(id).await?);
+            // A new lease (taken here, or by a claim) needs its own stream.
+            if stream.as_ref().is_none_or(|(of, _, _)| *of != id) {
+                let (keeper, responses) = client.lease_keep_alive(id).await?;
+                stream = Some((id, keeper, responses));
             }
-            let (keeper, responses) = stream.as_mut().expect("opened above");
+            let (_, keeper, responses) = stream.as_mut().expect("opened above");
             keeper.keep_alive().await?;
             let alive = responses.message().await?.is_some_and(|r| r.ttl() > 0);
             if alive {
                 let info = stats.node_info(started, &state);
                 client.put(node_key.clone(), info, Some(PutOptions::new().with_lease(id))).await?;
-            } else {
-                let _ = lease.compare_exchange(id, 0, Ordering::AcqRel, Ordering::Relaxed);
-                stream = None;
             }
-            Ok::<bool, etcd_client::Error>(alive)
+            Ok::<(i64, bool), etcd_client::Error>((id, alive))
         };
+        let was_expired = expired;
         let problem = match tokio::time::timeout(super::REQUEST_TIMEOUT, step).await {
-            Ok(Ok(true)) => {
+            Ok(Ok((_, true))) => {
                 stats.success();
+                if std::mem::take(&mut expired) {
+                    tracing::info!("took a new etcd lease and registered again (etcd at {})", etcd.endpoints());
+                }
                 continue;
             }
-            Ok(Ok(false)) => "this node's etcd lease had expired; took a new one".to_string(),
+            // Expired: answered with a TTL of 0, or "lease not found".
+            Ok(Ok((id, false))) => {
+                let _ = lease.compare_exchange(id, 0, Ordering::AcqRel, Ordering::Relaxed);
+                expired = true;
+                LEASE_EXPIRED.to_string()
+            }
+            Ok(Err(e)) if e.to_string().contains("lease not found") => {
+                let id = stream.as_ref().map_or(lease.load(Ordering::Acquire), |(of, _, _)| *of);
+                let _ = lease.compare_exchange(id, 0, Ordering::AcqRel, Ordering::Relaxed);
+                expired = true;
+                LEASE_EXPIRED.to_string()
+            }
             Ok(Err(e)) => format!("keeping this node's etcd lease alive failed: {e}"),
             Err(_) => format!("keeping this node's etcd lease alive took over {:?}", super::REQUEST_TIMEOUT),
         };
         // The keep-alive stream may be broken; open a new one next time.
         stream = None;
         stats.failure();
-        if last_warning.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+        // The moment the lease is found expired is always logged.
+        let just_expired = expired && !was_expired;
+        if just_expired || last_warning.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
             tracing::warn!("{problem} (etcd at {})", etcd.endpoints());
             last_warning = Some(Instant::now());
         }
     }
 }
+
+/// Logged when the lease is found expired.
+const LEASE_EXPIRED: &str =
+    "this node's etcd lease had expired (etcd out of reach, or this process paused, for longer \
+     than its TTL): its shard claims are gone and other nodes may draw from its shards, which costs contention, never \
+     a duplicate; taking a new one";
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())

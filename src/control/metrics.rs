@@ -218,7 +218,7 @@ impl Observer {
             "{state}; {} IDs sent, burn {:.0} IDs/s, {} remaining ({:.3}% used)",
             self.served(),
             self.burn_rate(),
-            capacity - used,
+            capacity.saturating_sub(used),
             100.0 * used as f64 / capacity as f64
         )
     }
@@ -368,7 +368,7 @@ impl Observer {
         );
 
         let (used, capacity) = self.usage();
-        let remaining = capacity - used;
+        let remaining = capacity.saturating_sub(used);
         let rate = self.burn_rate();
         p.single(
             "tradeid_ids_capacity",
