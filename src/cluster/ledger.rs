@@ -303,6 +303,18 @@ impl EtcdLedger {
     fn cas(&self, shard: u32, expected: u64, new: u64) -> Result<Option<u64>, EtcdError> {
         let started = Instant::now();
         let result = self.etcd.cas_mark(shard, expected, new);
+        // One line per reservation txn (TRADEID_LOG=tradeid_server::cluster=debug;
+        // perf/bench.py reads the latencies from it), never per ID.
+        tracing::debug!(
+            shard,
+            us = started.elapsed().as_micros() as u64,
+            result = match &result {
+                Ok(None) => "committed",
+                Ok(Some(_)) => "conflict",
+                Err(_) => "error",
+            },
+            "etcd reservation txn"
+        );
         match &result {
             Err(_) => {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
