@@ -287,6 +287,13 @@ impl EtcdLedger {
         tracing::error!("{reason}");
         *self.stats.stopped.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
         self.stopped = Some(reason);
+        // Write nothing more into what is no longer this node's cluster:
+        // no registration, and the claims go with the lease.
+        self.membership.abort();
+        let lease = self.lease.swap(0, Ordering::AcqRel);
+        if lease != 0 {
+            let _ = self.etcd.run("leaving the cluster", |mut c| async move { c.lease_revoke(lease).await });
+        }
     }
 
     fn check_running(&self) -> Result<(), LedgerError> {

@@ -150,7 +150,7 @@ impl Meta {
 /// The cluster's `meta` key holds something that is not a valid tradeid
 /// cluster's metadata.
 #[derive(Debug, thiserror::Error)]
-#[error("etcd at {endpoints}: the metadata under {key} is not a valid tradeid cluster's: {reason}. Nothing is served from it; restore that key from the state file of any node of the cluster with `tradeid raise-marks` after deleting it (docs/cluster.md, \"After an etcd restore\")")]
+#[error("etcd at {endpoints}: the metadata under {key} is not a valid tradeid cluster's: {reason}. Nothing is reserved from it. Stop every node, delete it (`etcdctl del {key}`), and write it again from any node's state file with `tradeid raise-marks` (docs/cluster.md, \"After an etcd restore\")")]
 pub(crate) struct CorruptMeta {
     endpoints: String,
     key: String,
