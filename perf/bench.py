@@ -6,7 +6,7 @@ Every comparison runs both servers in the same invocation, alternating
 A/B/A/B, and reports the median of the repetitions and the ratio. Run from
 the repository root after `cargo build --release --workspace`:
 
-    python3 perf/bench.py [--seconds 3] [--reps 3] [--only single,bulk,latency,rss,limits,steering]
+    python3 perf/bench.py [--seconds 3] [--reps 3] [--only single,bulk,latency,rss,limits,steering,cluster]
     python3 perf/bench.py --only protocols      # UDP vs gRPC Next vs HTTP /ids, 1 and 1,000 IDs per call
     python3 perf/bench.py --only python         # the Python client (clients/python/bench.py)
     python3 perf/bench.py --only builds --baseline-rev c139caf    # before/after, side by side
@@ -37,11 +37,13 @@ LOADGEN = os.path.join(ROOT, "target/release/loadgen")
 
 
 class Server:
-    """A server process on loopback, stopped on exit."""
+    """A server process on loopback, stopped on exit. `stderr` is a file to
+    log to (default: discarded), `env` extra environment."""
 
-    def __init__(self, argv):
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    def __init__(self, argv, env=None, stderr=None):
         self.grpc = self.admin = None  # with --grpc / --admin
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr or subprocess.DEVNULL, text=True,
+                                     env={**os.environ, **(env or {})})
         for line in self.proc.stdout:
             if line.startswith("grpc listening on "):
                 self.grpc = line.split()[-1]
@@ -51,6 +53,13 @@ class Server:
                 self.addr = line.split()[-1]
                 return
         raise RuntimeError(f"{argv[0]} did not start")
+
+    def metrics(self):
+        """The admin listener's /metrics as {series: value}."""
+        import urllib.request
+        with urllib.request.urlopen(f"http://{self.admin}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        return {l.rsplit(" ", 1)[0]: float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l and not l.startswith("#")}
 
     def rss_kib(self):
         with open(f"/proc/{self.proc.pid}/status") as f:
@@ -192,17 +201,23 @@ class Etcd:
         self.proc.wait()
 
 
-def cluster_node(etcd, name, workers, extra=()):
+def cluster_node(etcd, name, workers, extra=(), env=None, stderr=None):
     state = os.path.join(tempfile.mkdtemp(prefix="tradeid-bench-"), "state")
     subprocess.run([TRADEID, "init", "--state", state, "--etcd", etcd.url, "--cluster", name], check=True,
                    stdout=subprocess.DEVNULL)
     return Server([TRADEID, "serve", "--state", state, "--listen", "127.0.0.1:0", "--workers", str(workers),
-                   "--max-batch", "175", "--etcd", etcd.url, "--cluster", name, *extra])
+                   "--max-batch", "175", "--etcd", etcd.url, "--cluster", name, *extra], env=env, stderr=stderr)
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
 def cluster(o):
     """Cluster mode (one node on etcd) against standalone and echo, single ID
-    and bulk 175, rotated in one run; and the etcd load at full speed."""
+    and bulk 175, rotated in one run; then, at full bulk speed, the etcd
+    transactions per second that load needs and their latency."""
     etcd = Etcd()
     try:
         print("\n### Cluster mode vs standalone (1 worker on CPU 1, loadgen on CPU 0, 4 sockets x 16; one etcd on loopback)\n")
@@ -226,16 +241,36 @@ def cluster(o):
             name = "single ID" if batch == 1 else f"bulk {batch}"
             print(f"| {name} | {e:,.0f} | {a:,.0f} | {c:,.0f} | {c / a:.3f} | {a / e:.3f} | {c / e:.3f} |")
             sys.stdout.flush()
-        # The etcd load that full bulk speed needs, from the node's metrics.
-        server = cluster_node(etcd, "load", 1, ["--cpus", "1", "--admin", "127.0.0.1:0"])
-        try:
-            admin = None
-            time.sleep(0.2)
-            result = load(server, o.seconds * 2, lg + ["--batch", "175"])
-        finally:
-            server.stop()
-        print(f"\nAt full bulk speed ({result['ids_per_second']:,.0f} IDs/s on one worker) see the reservation rate in "
-              "`cargo bench --bench cluster_scale` (section 2), which paces generators at fixed rates.")
+        # The etcd load full bulk speed needs: transactions per second from
+        # the node's metrics over the load, each transaction's latency and
+        # each block's size from its debug log (one line per txn and block).
+        print("\n### etcd reservations at full bulk speed (1 worker on CPU 1, bulk 175, loadgen on CPU 0; one etcd on loopback)\n")
+        print("| run | IDs/s | committed txn/s | conflicts | errors | txn p50 us | txn p99 us | txn max us | median block |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        log_filter = "info,tradeid_server::cluster=debug,tradeid::generator=debug"
+        for rep in range(o.reps):
+            log = tempfile.NamedTemporaryFile("w+", prefix="tradeid-bench-log-", suffix=".txt")
+            server = cluster_node(etcd, f"load{rep}", 1, ["--cpus", "1", "--admin", "127.0.0.1:0"],
+                                  env={"TRADEID_LOG": log_filter, "NO_COLOR": "1"}, stderr=log)
+            try:
+                time.sleep(0.2)
+                before = server.metrics()
+                result = load(server, o.seconds * 2, lg + ["--batch", "175"])
+                after = server.metrics()
+            finally:
+                server.stop()
+            log.seek(0)
+            lines = log.read().splitlines()
+            txn_us = [int(l.split(" us=")[1].split()[0]) for l in lines
+                      if "etcd reservation txn" in l and 'result="committed"' in l]
+            blocks = [int(l.split(" ids=")[1].split()[0]) for l in lines if "block reserved" in l]
+            delta = lambda k: after.get(f'tradeid_etcd_txn_total{{result="{k}"}}', 0) - before.get(f'tradeid_etcd_txn_total{{result="{k}"}}', 0)
+            print(f"| {rep + 1} | {result['ids_per_second']:,.0f} | {delta('committed') / result['seconds']:.1f} | "
+                  f"{delta('conflict'):.0f} | {delta('error'):.0f} | {percentile(txn_us, 0.5):,} | "
+                  f"{percentile(txn_us, 0.99):,} | {max(txn_us, default=0):,} | {percentile(blocks, 0.5):,} |")
+            sys.stdout.flush()
+        print("\nLatencies cover every committed reservation of the run (start included); see also "
+              "`cargo bench --bench cluster_scale` for many nodes at once.")
     finally:
         etcd.stop()
 

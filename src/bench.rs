@@ -48,6 +48,7 @@ fn join(
         ca: None,
         identity: None,
         user: None,
+        lease_ttl: crate::cluster::DEFAULT_LEASE_TTL,
     };
     let mut joined = Vec::new();
     for i in 0..nodes {

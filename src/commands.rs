@@ -20,7 +20,7 @@ use crate::cluster::{self, Etcd};
 use crate::config::{cluster_options, ServeConfig};
 use crate::errors::{ConfigError, Exhausted, InvalidIds, Unreachable};
 use crate::flags::{
-    CheckArgs, Cli, Command, DecodeArgs, GenArgs, GetArgs, InitArgs, InspectArgs, KeygenArgs, ServeArgs,
+    CheckArgs, Cli, Command, DecodeArgs, GenArgs, GetArgs, InitArgs, InspectArgs, KeygenArgs, RaiseMarksArgs, ServeArgs,
 };
 use crate::{control, dataplane};
 
@@ -47,6 +47,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(args) => inspect(args),
         Command::Decode(args) => decode(args),
         Command::Check(args) => check(args),
+        Command::RaiseMarks(args) => raise_marks(args),
     }
 }
 
@@ -490,7 +491,8 @@ fn inspect_cluster(options: &cluster::Options) -> anyhow::Result<()> {
     let claims = etcd.claims()?;
     let nodes = etcd.nodes()?;
     let capacity = u64::from(meta.shard_count()) * meta.shard_size();
-    let used: u64 = marks.iter().sum();
+    // (A mark past its shard's end, from a hand-edited key, counts as full.)
+    let used: u64 = marks.iter().map(|&m| m.min(meta.shard_size())).sum();
     let full = marks.iter().filter(|&&m| m >= meta.shard_size()).count();
     let partly = marks.iter().filter(|&&m| m > 0 && m < meta.shard_size()).count();
     let pct = |n: u64| 100.0 * n as f64 / capacity as f64;
@@ -512,5 +514,70 @@ fn inspect_cluster(options: &cluster::Options) -> anyhow::Result<()> {
     if !orphans.is_empty() {
         say!("claims of nodes no longer registered (they expire with their lease): {}", orphans.join(", "));
     }
+    Ok(())
+}
+
+/// `raise-marks --state FILE --etcd URLS --cluster NAME`: after etcd was
+/// restored from a backup (or lost its data), raise every shard mark in
+/// etcd that is below this stopped node's state file, so that no node
+/// reissues what this one handed out; if etcd lost the cluster's metadata
+/// too, write it again from the file (which holds the cluster's id, key and
+/// geometry). Marks only rise: running it twice, or for a node that was
+/// never behind, changes nothing. Serves nothing.
+fn raise_marks(args: RaiseMarksArgs) -> anyhow::Result<()> {
+    let Some(options) = cluster_options(&args.etcd, etcd_password())? else {
+        bail!(ConfigError("raise-marks needs --etcd URLS and --cluster NAME: the cluster whose marks to raise".into()));
+    };
+    // Locked like `serve`: a node that still serves could reserve below the
+    // marks while they are being raised, so it must be stopped first.
+    let (store, _report) = Store::open(&args.state).context("raise-marks works on a stopped node's state file")?;
+    let path = store.path().display().to_string();
+    let (Some(binding), Some(file_meta)) = (store.header().cluster, cluster::Meta::of_file(store.header())) else {
+        bail!(ConfigError(format!(
+            "state file {path} is not a cluster node's (it was not made with `tradeid init --etcd`); it has no marks in etcd to raise"
+        )));
+    };
+    if binding.name() != options.name {
+        bail!(ConfigError(format!(
+            "state file {path} belongs to cluster {:?}, not {:?} (--cluster)",
+            binding.name(),
+            options.name
+        )));
+    }
+    let etcd = Etcd::connect(&options)?;
+    let meta = match etcd.meta()? {
+        Some(meta) => meta,
+        None => {
+            let meta = etcd.write_meta_if_absent(&file_meta)?.context("the cluster metadata vanished while written")?;
+            if meta.same_space(&file_meta) {
+                say!("the cluster's metadata {} was missing from etcd; wrote it again from {path}", etcd.key("meta"));
+            }
+            meta
+        }
+    };
+    if !meta.same_space(&file_meta) {
+        bail!(ConfigError(format!(
+            "state file {path} was made for cluster {:?} with id {:016x}, but the cluster of that name in etcd at {} has id {:016x} (or another key or geometry): it is another ID space, whose marks this file says nothing about",
+            options.name,
+            file_meta.cluster_id,
+            etcd.endpoints(),
+            meta.cluster_id
+        )));
+    }
+    let marks = etcd.marks(meta.shard_count())?;
+    let mut raised = 0;
+    for (shard, etcd_mark) in (0..meta.shard_count()).zip(marks) {
+        let local = store.mark(shard);
+        if etcd_mark < local {
+            raised += u32::from(etcd.raise_mark(shard, etcd_mark, local)?.1);
+        }
+    }
+    say!(
+        "cluster {:?} (id {:016x}) in etcd at {}: raised {raised} of {} shard marks to state file {path}'s; the others were at or above it already",
+        options.name,
+        meta.cluster_id,
+        etcd.endpoints(),
+        meta.shard_count()
+    );
     Ok(())
 }

@@ -91,7 +91,7 @@ impl ServeConfig {
             .into());
         }
         let defaults = GeneratorConfig::default();
-        let data = dataplane::Config {
+        let mut data = dataplane::Config {
             state: args.state.clone(),
             create: args.create,
             partition: args.node.zip(args.nodes),
@@ -124,6 +124,18 @@ impl ServeConfig {
             cpu_steering: args.cpu_steering,
             cluster: cluster_options(&args.etcd, etcd_password)?,
         };
+        if let Some(seconds) = args.etcd_lease_ttl {
+            let Some(cluster) = data.cluster.as_mut() else {
+                return Err(ConfigError("--etcd-lease-ttl needs --etcd and --cluster".into()).into());
+            };
+            if !(2..=300).contains(&seconds) {
+                return Err(ConfigError(format!(
+                    "--etcd-lease-ttl {seconds} is out of range: use 2..=300 seconds (shorter leases than 2 s expire on an etcd hiccup, longer ones keep a dead node's shards claimed)"
+                ))
+                .into());
+            }
+            cluster.lease_ttl = Duration::from_secs(seconds);
+        }
         if data.cluster.is_some() && (data.create || data.partition.is_some()) {
             return Err(ConfigError(
                 "--etcd cannot go with --create, --node or --nodes: a cluster has no fixed partition, and a node's \
@@ -188,6 +200,7 @@ pub(crate) fn cluster_options(
         ca: args.etcd_ca.clone(),
         identity: args.etcd_cert.clone().zip(args.etcd_key.clone()),
         user,
+        lease_ttl: cluster::DEFAULT_LEASE_TTL,
     }))
 }
 

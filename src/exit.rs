@@ -136,7 +136,7 @@ fn user_name(passwd: &str, uid: u32) -> Option<&str> {
 /// |---|---|
 /// | 0  | success, or standard output closed early (`| head`): see [`report`] |
 /// | 1  | any other failure, including a second SIGTERM/SIGINT while stopping |
-/// | 65 | EX_DATAERR: the state file is corrupt, the space is exhausted, or an ID given to `check` or `decode` is not valid |
+/// | 65 | EX_DATAERR: the state file or the cluster's metadata in etcd is corrupt, the space is exhausted, or an ID given to `check` or `decode` is not valid |
 /// | 66 | EX_NOINPUT: the state file does not exist |
 /// | 69 | EX_UNAVAILABLE: the state file is locked by another process, a listen address (`--listen`, `--admin`, `--grpc`) is in use, no server answered, or etcd did not |
 /// | 73 | EX_CANTCREAT: init refused (file exists, or no space) |
@@ -173,6 +173,9 @@ pub fn code(err: &anyhow::Error) -> u8 {
         }
         if cause.is::<Unreachable>() {
             return 69;
+        }
+        if cause.is::<crate::cluster::CorruptMeta>() {
+            return 65;
         }
         if let Some(e) = cause.downcast_ref::<crate::cluster::EtcdError>() {
             // Refused credentials are a configuration to fix; anything else

@@ -45,6 +45,9 @@ pub enum Command {
     Decode(DecodeArgs),
     /// Check IDs' check characters (spaces made with --check-char); no state file needed.
     Check(CheckArgs),
+    /// After an etcd restore: raise the cluster's marks in etcd to a stopped
+    /// node's state file (serves nothing; run it for every node before any serves).
+    RaiseMarks(RaiseMarksArgs),
 }
 
 /// `tradeid init`.
@@ -178,6 +181,18 @@ pub struct CheckArgs {
     pub ids: Vec<String>,
 }
 
+/// `tradeid raise-marks`.
+#[derive(Debug, Args)]
+pub struct RaiseMarksArgs {
+    /// The node's state file (and mirrors, as for `serve`). The node must be
+    /// stopped: the file is locked as `serve` locks it.
+    #[arg(long = "state", required = true, env = "TRADEID_STATE", value_delimiter = ',')]
+    pub state: Vec<PathBuf>,
+    /// The cluster (--etcd and --cluster are required).
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+}
+
 /// `tradeid serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -212,6 +227,11 @@ pub struct ServeArgs {
     /// Cluster mode: serve as a node of an etcd cluster.
     #[command(flatten)]
     pub etcd: EtcdArgs,
+    /// Cluster mode: seconds a stopped or cut-off node's shard claims
+    /// outlive it (its etcd lease), 2..=300 [default: 10]. Only spreads
+    /// nodes over shards; uniqueness never depends on it.
+    #[arg(long, env = "TRADEID_ETCD_LEASE_TTL")]
+    pub etcd_lease_ttl: Option<u64>,
     /// Admin HTTP listener for /metrics, /healthz, /readyz, /id, /ids
     /// (off by default; keep it on loopback).
     #[arg(long, env = "TRADEID_ADMIN")]

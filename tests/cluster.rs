@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::etcd::{Etcd, Tls};
+use crate::etcd::{Etcd, Proxy, Tls};
 use crate::harness::*;
 
 /// `tradeid init --state DIR/NAME --etcd E --cluster C EXTRA...`.
@@ -84,8 +84,12 @@ fn kill_9_chaos_across_nodes_with_stale_and_cloned_state_files() {
     let seed = seed();
     let mut rng = Rng(seed);
     let rounds = iterations("TRADEID_CLUSTER_CHAOS_ROUNDS", 12);
-    let flags = ["--workers", "1", "--block-max", "2048"];
-    let mut states: Vec<PathBuf> = (0..2).map(|i| init_node(dir.path(), &format!("n{i}"), &e, "chaos", &[])).collect();
+    // Four shards and a 2 s lease: restarted, stale and cloned nodes land
+    // on shards others are drawing from, and nodes soon outnumber shards.
+    let flags = ["--workers", "1", "--block-max", "2048", "--etcd-lease-ttl", "2"];
+    let mut states: Vec<PathBuf> =
+        vec![init_node(dir.path(), "n0", &e, "chaos", &["--width", "26", "--shard-bits", "24"])];
+    states.push(init_node(dir.path(), "n1", &e, "chaos", &[]));
     let mut nodes: Vec<Option<Daemon>> = states.iter().map(|s| Some(serve_node(s, &e, "chaos", &flags))).collect();
     let stale = dir.path().join("stale-copy-of-n0");
     std::fs::copy(&states[0], &stale).unwrap();
@@ -146,10 +150,21 @@ fn kill_9_chaos_across_nodes_with_stale_and_cloned_state_files() {
     for id in &got.ids {
         assert!(seen.insert(id.clone()), "seed {seed}: duplicate {id} after: {actions:#?}");
     }
+    // They did contend: the survivors alone lost compare-and-swaps.
+    let conflicts: f64 = nodes.iter().flatten().map(|n| n.metric("tradeid_etcd_txn_total{result=\"conflict\"}")).sum();
+    eprintln!(
+        "seed {seed}: {} IDs, {} nodes at the end, {conflicts} conflicts among them",
+        got.ids.len(),
+        nodes.iter().flatten().count()
+    );
+    assert!(conflicts > 0.0, "seed {seed}: the nodes never raced for a shard; the test proves little");
 }
 
 /// With a 3-member etcd, the leader is killed under load: no duplicate,
-/// serving continues, and reservations resume after the election.
+/// serving continues (replies keep coming, with IDs again once a leader is
+/// elected; `!ERR503` only between the kill and the first reservation
+/// after the election, i.e. only while a worker's held blocks run out
+/// before etcd answers), and reservations resume after the election.
 #[test]
 fn killing_the_etcd_leader_under_load_loses_nothing() {
     let mut etcd = Etcd::three();
@@ -158,26 +173,82 @@ fn killing_the_etcd_leader_under_load_loses_nothing() {
     let nodes: Vec<Daemon> = (0..2)
         .map(|i| {
             let state = init_node(dir.path(), &format!("n{i}"), &e, "leader", &[]);
-            serve_node(&state, &e, "leader", &["--workers", "1", "--block-max", "4096"])
+            serve_node(&state, &e, "leader", &["--workers", "1"])
         })
         .collect();
     let targets = Mutex::new(nodes.iter().map(|n| n.addr).collect());
-    let committed = |nodes: &[Daemon]| -> f64 {
-        nodes.iter().map(|n| n.metric("tradeid_etcd_txn_total{result=\"committed\"}")).sum()
-    };
-    let (got, (before, after, killed)) = under_load(&targets, 4, || {
-        std::thread::sleep(Duration::from_millis(800));
+    let committed = |node: &Daemon| node.metric("tradeid_etcd_txn_total{result=\"committed\"}");
+    let (got, (killed, killed_at, elected_at, resumed, end)) = under_load(&targets, 4, || {
+        // Long enough for blocks to grow to their size under this load.
+        std::thread::sleep(Duration::from_secs(2));
         let killed = etcd.leader();
+        let killed_at = Instant::now();
         etcd.kill(killed);
-        let before = committed(&nodes);
-        std::thread::sleep(Duration::from_secs(3));
-        (before, committed(&nodes), killed)
+        let before: Vec<f64> = nodes.iter().map(committed).collect();
+        let leader = etcd.leader(); // waits for the election
+        assert_ne!(leader, killed);
+        let elected_at = Instant::now();
+        // When each node's reservations resumed.
+        let mut resumed: Vec<Option<Instant>> = vec![None; nodes.len()];
+        while killed_at.elapsed() < Duration::from_secs(8) {
+            for (i, node) in nodes.iter().enumerate() {
+                if resumed[i].is_none() && committed(node) > before[i] {
+                    resumed[i] = Some(Instant::now());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (killed, killed_at, elected_at, resumed, Instant::now())
     });
     assert_unique(&got.ids, "leader killed");
-    assert!(after > before, "no reservation committed after killing leader m{killed}: {before} then {after}");
-    // A new leader exists among the two survivors.
-    let leader = etcd.leader();
-    assert_ne!(leader, killed);
+    let resumed: Vec<Instant> = resumed
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            r.unwrap_or_else(|| panic!("node {i} committed no reservation after leader m{killed} was killed"))
+        })
+        .collect();
+    eprintln!(
+        "leader m{killed} killed; elected after {:?}, reservations resumed after {:?}; {} replies, errors {:?}",
+        elected_at - killed_at,
+        resumed.iter().map(|r| *r - killed_at).collect::<Vec<_>>(),
+        got.timeline.len(),
+        got.errors
+    );
+    let warm = killed_at - Duration::from_secs(1);
+    for (i, node) in nodes.iter().enumerate() {
+        let replies: Vec<&(Instant, SocketAddr, Result<(), String>)> =
+            got.timeline.iter().filter(|(at, from, _)| *from == node.addr && *at >= warm).collect();
+        // Serving continued: replies kept coming (a loaded test machine
+        // may pause a process for a moment; 2 s is far beyond that).
+        for pair in replies.windows(2) {
+            let gap = pair[1].0 - pair[0].0;
+            assert!(gap < Duration::from_secs(2), "node {i}: no reply for {gap:?}");
+        }
+        // !ERR503 only from the kill until shortly after this node's first
+        // reservation after the election (its first block may go before
+        // the next is reserved): while its held blocks are gone and etcd
+        // does not answer yet.
+        let settled = resumed[i] + Duration::from_secs(1);
+        for (at, _, reply) in &replies {
+            if let Err(text) = reply {
+                assert_eq!(text, "!ERR503", "node {i}: unexpected error reply");
+                assert!(
+                    *at >= killed_at && *at <= settled,
+                    "node {i}: !ERR503 {:?} after the kill, outside the election (it resumed {:?} after the kill)",
+                    at.saturating_duration_since(killed_at),
+                    resumed[i] - killed_at
+                );
+            }
+        }
+        // IDs again, and kept coming, once it resumed.
+        let mut last = settled;
+        let id_times = replies.iter().filter(|(at, _, r)| r.is_ok() && *at >= settled).map(|(at, _, _)| *at);
+        for at in id_times.chain([end]) {
+            assert!(at - last < Duration::from_secs(2), "node {i}: no IDs for {:?} after resuming", at - last);
+            last = at;
+        }
+    }
     for node in &nodes {
         let (status, body) = node.http_get("/readyz");
         assert_eq!(status, 200, "{body}");
@@ -194,19 +265,18 @@ fn a_full_etcd_outage_is_ridden_through_on_held_blocks() {
     let dir = tempfile::tempdir().unwrap();
     let state = init_node(dir.path(), "n", &e, "outage", &[]);
     let node = serve_node(&state, &e, "outage", &["--workers", "1", "--block-max", "2048"]);
-    let socket = client_socket(node.addr, Duration::from_millis(500));
-    let mut buf = [0u8; 2048];
-    let mut ask = |count: u16| -> Vec<u8> {
-        socket.send(&request(count)).unwrap();
-        let n = socket.recv(&mut buf).expect("a reply (IDs or an error), never silence");
-        buf[..n].to_vec()
-    };
+    // A reply (IDs or an error), never silence.
+    let mut asker = Asker::new(node.addr);
+    let mut ask = |count: u16| -> Vec<u8> { asker.ask(count) };
     let mut seen = HashSet::new();
     for _ in 0..20 {
         insert_unique(&mut seen, ids_of(&ask(100)));
     }
     assert_eq!(node.metric("tradeid_etcd_reservation_failures_total"), 0.0);
     etcd.kill_all();
+    // A reservation in flight at the kill has its answer (or its timeout)
+    // by now: what the node holds no longer grows.
+    std::thread::sleep(Duration::from_millis(2500));
     let held_at_outage = node.metric("tradeid_ids_held");
     // Drain: IDs while blocks are held, then 503 once, and then held is 0.
     let mut served_during_outage = 0usize;
@@ -225,8 +295,8 @@ fn a_full_etcd_outage_is_ridden_through_on_held_blocks() {
     assert_eq!(node.metric("tradeid_ids_held"), 0.0, "!ERR503 while IDs were still held");
     assert!(served_during_outage as f64 <= held_at_outage, "{served_during_outage} served, {held_at_outage} held");
     // Not ready, and why; the metrics agree (the first failed request may
-    // take up to its timeout to report).
-    let deadline = Instant::now() + Duration::from_secs(5);
+    // take up to its timeout to report, after a periodic read's).
+    let deadline = Instant::now() + Duration::from_secs(8);
     loop {
         let (status, body) = node.http_get("/readyz");
         if status == 503 && body.contains("etcd unreachable") {
@@ -261,6 +331,141 @@ fn a_full_etcd_outage_is_ridden_through_on_held_blocks() {
     assert!(node.stderr().contains("reservations resumed"), "{}", node.stderr());
 }
 
+/// A client of one node that tolerates a loaded test machine: a reply
+/// that is late is waited for again (and counted when it comes), never
+/// taken for silence at the first timeout.
+struct Asker {
+    socket: std::net::UdpSocket,
+    addr: SocketAddr,
+    /// Requests sent whose reply has not come yet.
+    unanswered: usize,
+    buf: [u8; 2048],
+}
+
+impl Asker {
+    fn new(addr: SocketAddr) -> Asker {
+        Asker { socket: client_socket(addr, Duration::from_millis(500)), addr, unanswered: 0, buf: [0; 2048] }
+    }
+
+    /// Asks for `count` IDs; returns the next reply (possibly a late one to
+    /// an earlier request: every reply is a grant of its own). A node that
+    /// stays silent for 20 s fails the test.
+    fn ask(&mut self, count: u16) -> Vec<u8> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.unanswered == 0 || Instant::now() >= deadline - Duration::from_secs(18) {
+                self.socket.send(&request(count)).unwrap();
+                self.unanswered += 1;
+            }
+            match self.socket.recv(&mut self.buf) {
+                Ok(n) => {
+                    self.unanswered -= 1;
+                    return self.buf[..n].to_vec();
+                }
+                Err(_) => assert!(Instant::now() < deadline, "node {} silent for 20 s", self.addr),
+            }
+        }
+    }
+
+    /// The replies still on their way (bounded), so that none is lost.
+    fn finish(&mut self) -> Vec<Vec<u8>> {
+        let mut late = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.unanswered > 0 && Instant::now() < deadline {
+            if let Ok(n) = self.socket.recv(&mut self.buf) {
+                self.unanswered -= 1;
+                late.push(self.buf[..n].to_vec());
+            }
+        }
+        late
+    }
+}
+
+/// The IDs of the replies that carry some (errors are skipped).
+fn ids_in(replies: Vec<Vec<u8>>) -> Vec<String> {
+    replies.iter().filter(|r| !r.starts_with(b"!ERR")).flat_map(|r| ids_of(r)).collect()
+}
+
+/// Asks `addr` for 4 IDs at a time until it answers !ERR507 20 times in a
+/// row (within 60 s); returns every ID it handed out.
+fn drain(addr: SocketAddr) -> Vec<String> {
+    let mut asker = Asker::new(addr);
+    let mut ids = Vec::new();
+    let mut exhausted_in_a_row = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while exhausted_in_a_row < 20 {
+        assert!(Instant::now() < deadline, "node {addr} never exhausted");
+        match asker.ask(4).as_slice() {
+            b"!ERR507" => exhausted_in_a_row += 1,
+            b"!ERR503" => std::thread::sleep(Duration::from_millis(2)),
+            reply => {
+                exhausted_in_a_row = 0;
+                ids.extend(ids_of(reply));
+            }
+        }
+    }
+    ids.extend(ids_in(asker.finish()));
+    ids
+}
+
+/// Drains every node at once; every ID they handed out.
+fn drain_all(addrs: &[SocketAddr]) -> Vec<String> {
+    std::thread::scope(|s| {
+        let threads: Vec<_> = addrs.iter().map(|&a| s.spawn(move || drain(a))).collect();
+        threads.into_iter().flat_map(|t| t.join().unwrap()).collect()
+    })
+}
+
+/// Asks `addr` for 4 IDs at a time until at least `n` IDs arrived
+/// (waiting out !ERR503, within 60 s).
+fn take(addr: SocketAddr, n: usize) -> Vec<String> {
+    let mut asker = Asker::new(addr);
+    let mut ids = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ids.len() < n {
+        assert!(Instant::now() < deadline, "node {addr}: only {} of {n} IDs in 60 s", ids.len());
+        match asker.ask(4).as_slice() {
+            b"!ERR503" => std::thread::sleep(Duration::from_millis(2)),
+            reply => ids.extend(ids_of(reply)),
+        }
+    }
+    ids.extend(ids_in(asker.finish()));
+    ids
+}
+
+/// Asks `addr` for IDs until it answers !ERR503: what it holds. Panics
+/// once it served more than `limit`.
+fn until_unavailable(addr: SocketAddr, limit: usize) -> Vec<String> {
+    let mut asker = Asker::new(addr);
+    let mut ids = Vec::new();
+    loop {
+        let reply = asker.ask(4);
+        if reply == b"!ERR503" {
+            break;
+        }
+        ids.extend(ids_of(&reply));
+        assert!(ids.len() <= limit, "node {addr} served {} IDs, more than the {limit} it can hold", ids.len());
+    }
+    ids.extend(ids_in(asker.finish()));
+    ids
+}
+
+/// The node id a cluster node registered under (from its metrics).
+fn node_id(node: &Daemon) -> String {
+    let metrics = node.http_get("/metrics").1;
+    let line = metrics.lines().find(|l| l.starts_with("tradeid_cluster_info{")).expect("cluster info");
+    line.split("node=\"").nth(1).unwrap().split('"').next().unwrap().to_string()
+}
+
+/// Polls `check` every 100 ms until it holds or `limit` passes.
+fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Runs `nodes` one-worker nodes of a small cluster until every node
 /// answers !ERR507 many times in a row; returns every ID they handed out
 /// and the nodes (for their metrics).
@@ -283,36 +488,7 @@ fn drain_small_cluster(
         .iter()
         .map(|s| serve_node(s, &e, cluster, &["--workers", "1", "--block-max", block_max, "--max-batch", "4"]))
         .collect();
-    let ids = std::thread::scope(|s| {
-        let threads: Vec<_> = daemons
-            .iter()
-            .map(|d| {
-                let addr = d.addr;
-                s.spawn(move || {
-                    let socket = client_socket(addr, Duration::from_secs(2));
-                    let mut ids = Vec::new();
-                    let mut buf = [0u8; 2048];
-                    let mut exhausted_in_a_row = 0;
-                    let deadline = Instant::now() + Duration::from_secs(60);
-                    while exhausted_in_a_row < 20 {
-                        assert!(Instant::now() < deadline, "node {addr} never exhausted");
-                        socket.send(&request(4)).unwrap();
-                        let n = socket.recv(&mut buf).expect("reply");
-                        match &buf[..n] {
-                            b"!ERR507" => exhausted_in_a_row += 1,
-                            b"!ERR503" => std::thread::sleep(Duration::from_millis(2)),
-                            reply => {
-                                exhausted_in_a_row = 0;
-                                ids.extend(ids_of(reply));
-                            }
-                        }
-                    }
-                    ids
-                })
-            })
-            .collect();
-        threads.into_iter().flat_map(|t| t.join().unwrap()).collect()
-    });
+    let ids = drain_all(&daemons.iter().map(|d| d.addr).collect::<Vec<_>>());
     drop(dir);
     (ids, daemons, etcd)
 }
@@ -329,12 +505,12 @@ fn a_small_space_is_drained_exactly_once_across_three_nodes() {
     }
 }
 
-/// More nodes than shards, with tiny blocks: nodes race for the same
-/// shards, compare-and-swap conflicts happen and are retried, and no two
-/// blocks overlap.
+/// Four nodes and two shards, with tiny blocks: at least two nodes share
+/// each shard, compare-and-swap conflicts happen and are retried, and no
+/// two blocks overlap: the space is handed out exactly once.
 #[test]
 fn nodes_racing_for_the_same_shard_never_overlap() {
-    let (ids, nodes, _etcd) = drain_small_cluster("race", "10", "8", 4, "16");
+    let (ids, nodes, _etcd) = drain_small_cluster("race", "10", "9", 4, "16");
     // (max batch 4, so a block of 16 holds four of the largest requests)
     let seen = assert_unique(&ids, "racing nodes");
     assert_eq!(seen.len(), 1 << 10);
@@ -442,6 +618,22 @@ fn mismatched_files_and_clusters_are_refused() {
         assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
     }
+    // A corrupt metadata key (a width no state file can hold) is refused
+    // at once, naming the key and the endpoint, never waited out.
+    let corrupt = init_node(dir.path(), "corrupt", &e, "gamma", &[]);
+    let meta = etcd.etcdctl(&["get", "--print-value-only", "/tradeid/gamma/meta"]).stdout;
+    let bad = String::from_utf8(meta).unwrap().trim_end().replace("width 35", "width 99");
+    assert!(etcd.etcdctl(&["put", "/tradeid/gamma/meta", &bad]).status.success());
+    let started = Instant::now();
+    let out =
+        run(&["serve", "--state", &path(&corrupt), "--listen", "127.0.0.1:0", "--etcd", &e, "--cluster", "gamma"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "{err}");
+    assert!(
+        err.contains("/tradeid/gamma/meta") && err.contains(&format!("etcd at {e}")) && err.contains("width 99"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20), "waited {:?} for a corrupt key", started.elapsed());
     // The cluster deleted and made again under the same name is another
     // space: the old node file is refused.
     assert!(etcd.etcdctl(&["del", "--prefix", "/tradeid/alpha/"]).status.success());
@@ -468,19 +660,9 @@ fn mismatched_files_and_clusters_are_refused() {
 /// exit 77; the right ones, read from a file, serve.
 #[test]
 fn etcd_authentication_refuses_wrong_credentials_and_serves_right_ones() {
-    let etcd = Etcd::single();
+    let mut etcd = Etcd::single();
     let e = etcd.endpoints();
-    for args in [
-        vec!["user", "add", "root:rootpw"],
-        vec!["user", "add", "tradeid:s3cret"],
-        vec!["role", "add", "tradeid"],
-        vec!["role", "grant-permission", "tradeid", "--prefix=true", "readwrite", "/tradeid/"],
-        vec!["user", "grant-role", "tradeid", "tradeid"],
-        vec!["auth", "enable"],
-    ] {
-        let out = etcd.etcdctl(&args);
-        assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    etcd.enable_auth();
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good");
     std::fs::write(&good, "s3cret\n").unwrap();
@@ -533,6 +715,27 @@ fn etcd_authentication_refuses_wrong_credentials_and_serves_right_ones() {
         good.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // serve, too, refuses a wrong password at once, once, with EX_NOPERM.
+    let out = run(&[
+        "serve",
+        "--state",
+        state_arg,
+        "--listen",
+        "127.0.0.1:0",
+        "--etcd",
+        &e,
+        "--cluster",
+        "secure",
+        "--etcd-user",
+        "tradeid",
+        "--etcd-password-file",
+        bad.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(77), "{err}");
+    assert!(err.contains(&format!("etcd at {e}")) && err.contains("check --etcd-user and the password"), "{err}");
+    assert_eq!(err.matches("authentication failed").count(), 1, "printed once: {err}");
+    assert!(!err.contains("waiting for etcd"), "a refusal is not waited out: {err}");
     let node = Daemon::start_with(
         &state,
         &["--etcd", &e, "--cluster", "secure", "--etcd-user", "tradeid"],
@@ -673,4 +876,335 @@ fn etcd_over_tls_with_client_certificates() {
     serve.extend_from_slice(&tls_args);
     let node = Daemon::start(&state, &serve);
     ids_of(&exchange(node.addr, &request(5), Duration::from_secs(2)).unwrap());
+}
+
+/// Flags for small, fast-moving nodes: one worker, blocks of at most 64,
+/// requests of at most 4.
+const SMALL: [&str; 6] = ["--workers", "1", "--block-max", "64", "--max-batch", "4"];
+
+/// etcd restored from an old backup while two nodes run, racing for the
+/// one shard of a small space: each node has read the shard's latest mark,
+/// but etcd now says the shard is untouched. Neither may reserve below what
+/// it knew: the one whose own file is behind the other's blocks would
+/// otherwise hand out the other's IDs again.
+#[test]
+fn a_node_never_reserves_below_a_mark_it_knew_when_etcd_goes_back() {
+    let mut etcd = Etcd::single();
+    let e = etcd.endpoints();
+    let dir = tempfile::tempdir().unwrap();
+    let a = init_node(dir.path(), "a", &e, "back", &["--width", "10", "--shard-bits", "10"]);
+    let b = init_node(dir.path(), "b", &e, "back", &[]);
+    let backup = dir.path().join("backup.db");
+    etcd.snapshot(&backup); // the cluster, no mark yet
+    let nodes = [serve_node(&a, &e, "back", &SMALL), serve_node(&b, &e, "back", &SMALL)];
+    let mut seen = HashSet::new();
+    for _ in 0..15 {
+        for node in &nodes {
+            insert_unique(&mut seen, take(node.addr, 20));
+        }
+    }
+    // Long enough for each node's periodic re-read of every mark.
+    std::thread::sleep(Duration::from_millis(4500));
+    let before = etcd.marks("back");
+    assert!(before[&0] > 600, "{before:?}");
+    // The node whose own file is behind (the other reserved last) goes
+    // first: its file alone would let it start inside the other's blocks.
+    let local = |state: &Path| tradeid::state::Snapshot::read(state).unwrap().marks[0];
+    let (behind, ahead) = if local(&a) < local(&b) { (0, 1) } else { (1, 0) };
+    etcd.restore(&backup);
+    assert!(etcd.marks("back").is_empty(), "the backup has no mark");
+    // At once, before any periodic re-assertion: more than it holds.
+    insert_unique(&mut seen, take(nodes[behind].addr, 200));
+    for id in drain_all(&[nodes[ahead].addr, nodes[behind].addr]) {
+        assert!(seen.insert(id.clone()), "{id} issued again after etcd went back (marks before: {before:?})");
+    }
+    assert!(seen.len() <= 1024);
+    let rollbacks: f64 = nodes.iter().map(|n| n.metric("tradeid_etcd_rollbacks_total")).sum();
+    assert!(rollbacks >= 1.0, "the rollback went unnoticed");
+    assert!(nodes.iter().any(|n| n.stderr().contains("ROLLBACK: etcd's marks went back")));
+}
+
+/// etcd restored from an old backup while nodes run and sit idle: every
+/// live node re-reads the marks every few seconds and raises those below
+/// what it knows, so etcd is healed within seconds, with no request; a node
+/// that joins afterwards then cannot reissue anything.
+#[test]
+fn a_restored_etcd_is_healed_by_the_live_nodes_within_seconds() {
+    let mut etcd = Etcd::single();
+    let e = etcd.endpoints();
+    let dir = tempfile::tempdir().unwrap();
+    let a = init_node(dir.path(), "a", &e, "heal", &["--width", "13", "--shard-bits", "10"]);
+    let b = init_node(dir.path(), "b", &e, "heal", &[]);
+    let backup = dir.path().join("backup.db");
+    etcd.snapshot(&backup);
+    let mut nodes = vec![serve_node(&a, &e, "heal", &SMALL), serve_node(&b, &e, "heal", &SMALL)];
+    let mut seen = HashSet::new();
+    for node in &nodes {
+        insert_unique(&mut seen, take(node.addr, 2000));
+    }
+    let before = etcd.marks("heal");
+    assert!(before.len() >= 4, "{before:?}");
+    etcd.restore(&backup);
+    let healed_at = Instant::now();
+    eventually(Duration::from_secs(20), "etcd's marks raised back", || {
+        let now = etcd.marks("heal");
+        before.iter().all(|(shard, mark)| now.get(shard).is_some_and(|m| m >= mark))
+    });
+    eprintln!("healed {:?} after etcd came back", healed_at.elapsed());
+    let raised: f64 = nodes.iter().map(|n| n.metric("tradeid_etcd_marks_raised_total")).sum();
+    assert!(raised >= before.len() as f64, "{raised} marks raised for {} shards", before.len());
+    // A node that joins now, and the two that ran, drain the rest.
+    let c = init_node(dir.path(), "c", &e, "heal", &[]);
+    nodes.push(serve_node(&c, &e, "heal", &SMALL));
+    for id in drain_all(&nodes.iter().map(|n| n.addr).collect::<Vec<_>>()) {
+        assert!(seen.insert(id.clone()), "{id} issued twice");
+    }
+    assert_eq!(seen.len(), 1 << 13, "the whole space, each ID once");
+}
+
+/// A node whose state file is ahead of etcd (etcd restored from a backup
+/// while the node was down) raises etcd's marks when it starts, so a node
+/// that joins after it reissues nothing the first one handed out.
+#[test]
+fn a_node_ahead_of_etcd_raises_its_marks_at_start() {
+    let mut etcd = Etcd::single();
+    let e = etcd.endpoints();
+    let dir = tempfile::tempdir().unwrap();
+    let a = init_node(dir.path(), "a", &e, "ahead", &["--width", "13", "--shard-bits", "10"]);
+    let backup = dir.path().join("backup.db");
+    etcd.snapshot(&backup);
+    let mut first = serve_node(&a, &e, "ahead", &SMALL);
+    let mut seen = HashSet::new();
+    insert_unique(&mut seen, take(first.addr, 3000));
+    first.kill9();
+    etcd.restore(&backup);
+    let first = serve_node(&a, &e, "ahead", &SMALL);
+    assert!(first.stderr().contains("raised"), "{}", first.stderr());
+    assert!(first.metric("tradeid_etcd_rollbacks_total") >= 1.0);
+    let b = init_node(dir.path(), "b", &e, "ahead", &[]);
+    let second = serve_node(&b, &e, "ahead", &SMALL);
+    for id in drain_all(&[first.addr, second.addr]) {
+        assert!(seen.insert(id.clone()), "{id} issued twice");
+    }
+}
+
+/// The procedure after an etcd restore (docs/cluster.md): with every node
+/// stopped, `raise-marks` raises the marks to each node's file (and writes
+/// the cluster's metadata again when the backup predates the cluster);
+/// only then does any node serve. A node that joins then reissues nothing.
+#[test]
+fn raise_marks_restores_the_cluster_from_the_nodes_state_files() {
+    let mut etcd = Etcd::single();
+    let e = etcd.endpoints();
+    let dir = tempfile::tempdir().unwrap();
+    let backup = dir.path().join("backup.db");
+    etcd.snapshot(&backup); // before the cluster existed
+    let a = init_node(dir.path(), "a", &e, "proc", &["--width", "13", "--shard-bits", "10"]);
+    let b = init_node(dir.path(), "b", &e, "proc", &[]);
+    let mut seen = HashSet::new();
+    for state in [&a, &b] {
+        let mut node = serve_node(state, &e, "proc", &SMALL);
+        insert_unique(&mut seen, take(node.addr, 2500));
+        node.kill9();
+    }
+    etcd.restore(&backup);
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    // Serving first is refused, and says what to do.
+    let out = run(&["serve", "--state", &path(&a), "--listen", "127.0.0.1:0", "--etcd", &e, "--cluster", "proc"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("tradeid raise-marks") && err.contains("docs/cluster.md"), "{err}");
+    let raise = |state: &Path| run(&["raise-marks", "--state", &path(state), "--etcd", &e, "--cluster", "proc"]);
+    let out = raise(&a);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("was missing from etcd; wrote it again from"), "{text}");
+    assert!(text.contains("raised ") && !text.contains("raised 0 "), "{text}");
+    let out = raise(&b);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("raised 0 "), "{}", String::from_utf8_lossy(&out.stdout));
+    // Marks only rise: running it again changes nothing.
+    assert!(String::from_utf8_lossy(&raise(&b).stdout).contains("raised 0 "));
+    // A new node joins the restored cluster and drains it.
+    let c = init_node(dir.path(), "c", &e, "proc", &[]);
+    let node = serve_node(&c, &e, "proc", &SMALL);
+    for id in drain(node.addr) {
+        assert!(seen.insert(id.clone()), "{id} issued twice");
+    }
+    // The old nodes serve again too, and a running node's file is refused.
+    let running = serve_node(&a, &e, "proc", &SMALL);
+    let out = raise(&a);
+    assert_eq!(out.status.code(), Some(69), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(exchange(running.addr, &request(1), Duration::from_secs(2)).unwrap(), b"!ERR507", "exhausted");
+}
+
+/// The cluster's metadata deleted from under running nodes (etcd wiped):
+/// the node stops reserving, loudly, serves what it holds, and writes
+/// nothing more into etcd.
+#[test]
+fn a_vanished_cluster_stops_reservations() {
+    let etcd = Etcd::single();
+    let e = etcd.endpoints();
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_node(dir.path(), "n", &e, "gone", &["--width", "13", "--shard-bits", "10"]);
+    let node = serve_node(&state, &e, "gone", &SMALL);
+    let mut seen = HashSet::new();
+    insert_unique(&mut seen, take(node.addr, 100));
+    assert!(etcd.etcdctl(&["del", "--prefix", "/tradeid/gone/"]).status.success());
+    eventually(Duration::from_secs(15), "readyz reports the stop", || {
+        let (status, body) = node.http_get("/readyz");
+        status == 503 && body.contains("reservations stopped") && body.contains("vanished")
+    });
+    assert_eq!(node.metric("tradeid_etcd_reservations_stopped"), 1.0);
+    assert!(node.stderr().contains("reservations stopped"), "{}", node.stderr());
+    // What it holds (at most two blocks of 64), then !ERR503: never a new block.
+    insert_unique(&mut seen, until_unavailable(node.addr, 128));
+    // Nothing written back: no mark, no metadata, no registration or claim.
+    std::thread::sleep(Duration::from_secs(1));
+    let keys = etcd.etcdctl(&["get", "--prefix", "--keys-only", "/tradeid/gone/"]);
+    assert!(String::from_utf8_lossy(&keys.stdout).trim().is_empty(), "{}", String::from_utf8_lossy(&keys.stdout));
+}
+
+/// etcd's auth tokens expire (here after 1 s unused; `--auth-token-ttl`,
+/// 300 s by default): a node logs in again when its token is refused, and
+/// keeps reserving fresh blocks well past the token's life.
+#[test]
+fn an_expired_etcd_auth_token_is_renewed() {
+    let mut etcd = Etcd::single_with(&["--auth-token-ttl", "1"]);
+    let e = etcd.endpoints();
+    etcd.enable_auth();
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("password");
+    std::fs::write(&password, "s3cret\n").unwrap();
+    let auth = ["--etcd-user", "tradeid", "--etcd-password-file", password.to_str().unwrap()];
+    let mut init = vec!["--width", "20", "--shard-bits", "12"];
+    init.extend_from_slice(&auth);
+    let state = init_node(dir.path(), "n", &e, "tokens", &init);
+    let mut flags = SMALL.to_vec();
+    flags.extend_from_slice(&auth);
+    let node = serve_node(&state, &e, "tokens", &flags);
+    let mut seen = HashSet::new();
+    let mut committed = node.metric("tradeid_etcd_txn_total{result=\"committed\"}");
+    for round in 0..4 {
+        // Several times the token's life with nothing sent to etcd.
+        std::thread::sleep(Duration::from_secs(3));
+        // More than the node holds: it must reserve again.
+        insert_unique(&mut seen, take(node.addr, 300));
+        let now = node.metric("tradeid_etcd_txn_total{result=\"committed\"}");
+        assert!(now >= committed + 3.0, "round {round}: only {} new reservations", now - committed);
+        committed = now;
+    }
+}
+
+/// `serve` with authentication waits for a down etcd as it does without:
+/// logging in is part of the bounded wait at start, not a reason to exit.
+#[test]
+fn serve_with_authentication_waits_for_etcd_to_come_up() {
+    let mut etcd = Etcd::single();
+    let e = etcd.endpoints();
+    etcd.enable_auth();
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("password");
+    std::fs::write(&password, "s3cret\n").unwrap();
+    let auth = ["--etcd-user", "tradeid", "--etcd-password-file", password.to_str().unwrap()];
+    let state = init_node(dir.path(), "n", &e, "late", &auth);
+    etcd.kill_all();
+    let started = std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_secs(3));
+            etcd.restart_all();
+        });
+        let mut flags = vec!["--etcd", e.as_str(), "--cluster", "late"];
+        flags.extend_from_slice(&auth);
+        Daemon::start_with(&state, &flags, &[])
+    });
+    let node = started.expect("serve waited for etcd to come up");
+    assert!(node.stderr().contains("waiting for etcd"), "{}", node.stderr());
+    ids_of(&exchange(node.addr, &request(5), Duration::from_secs(2)).unwrap());
+}
+
+/// A node frozen (SIGSTOP) past its lease: its claim and registration
+/// expire, and another node takes its shard and drains the whole space.
+/// Resumed, the frozen node serves only the blocks it held, takes a new
+/// lease, and the space is handed out exactly once.
+#[test]
+fn a_node_that_lost_its_lease_never_duplicates() {
+    let etcd = Etcd::single();
+    let e = etcd.endpoints();
+    let dir = tempfile::tempdir().unwrap();
+    let a = init_node(dir.path(), "a", &e, "lease", &["--width", "12", "--shard-bits", "11"]);
+    let b = init_node(dir.path(), "b", &e, "lease", &[]);
+    let mut flags = SMALL.to_vec();
+    flags.extend_from_slice(&["--etcd-lease-ttl", "2"]);
+    let frozen = serve_node(&a, &e, "lease", &flags);
+    let other = serve_node(&b, &e, "lease", &flags);
+    let mut seen = HashSet::new();
+    insert_unique(&mut seen, take(frozen.addr, 100));
+    insert_unique(&mut seen, take(other.addr, 100));
+    let id = node_id(&frozen);
+    let registered = || !etcd.etcdctl(&["get", &format!("/tradeid/lease/nodes/{id}")]).stdout.is_empty();
+    assert!(registered());
+    let marks_before = etcd.marks("lease");
+    frozen.signal("STOP");
+    eventually(Duration::from_secs(10), "the frozen node's lease expired", || !registered());
+    for id in drain(other.addr) {
+        assert!(seen.insert(id.clone()), "{id} issued twice");
+    }
+    // The other node went into the frozen node's shard too.
+    let marks = etcd.marks("lease");
+    assert!(marks.values().all(|&m| m == 2048), "{marks:?} (before: {marks_before:?})");
+    frozen.signal("CONT");
+    for id in drain(frozen.addr) {
+        assert!(seen.insert(id.clone()), "{id} issued twice");
+    }
+    assert_eq!(seen.len(), 1 << 12, "the whole space, each ID once");
+    eventually(Duration::from_secs(10), "the resumed node took a new lease", || {
+        let log = frozen.stderr();
+        log.contains("lease had expired") && log.contains("took a new etcd lease and registered again")
+    });
+    assert!(registered(), "registered again under its new lease");
+}
+
+/// A reservation that etcd committed but whose reply never reached the
+/// node (swallowed by a proxy, so the node times out): the node's retry
+/// compares against the old mark, loses, rereads and moves on. The block
+/// of the lost reply is handed out by nobody, and nothing twice, although
+/// another node draws from the same shard.
+#[test]
+fn a_committed_reservation_whose_reply_was_lost_is_skipped() {
+    let etcd = Etcd::single();
+    let e = etcd.endpoints();
+    let proxy = Proxy::start(etcd.client_port(0));
+    let dir = tempfile::tempdir().unwrap();
+    let a = init_node(dir.path(), "a", &e, "lost", &["--width", "12", "--shard-bits", "12"]);
+    let b = init_node(dir.path(), "b", &e, "lost", &[]);
+    let cut_off = serve_node(&a, &proxy.url, "lost", &SMALL);
+    let direct = serve_node(&b, &e, "lost", &SMALL);
+    let mut seen = HashSet::new();
+    insert_unique(&mut seen, take(direct.addr, 40));
+    insert_unique(&mut seen, take(cut_off.addr, 40));
+    // Let the node behind the proxy read the current mark (periodically).
+    std::thread::sleep(Duration::from_millis(3500));
+    let errors = cut_off.metric("tradeid_etcd_txn_total{result=\"error\"}");
+    let before = etcd.marks("lost")[&0];
+    proxy.swallow_replies();
+    // Use up what it holds: its next reservation commits, unanswered.
+    insert_unique(&mut seen, until_unavailable(cut_off.addr, 128));
+    eventually(Duration::from_secs(5), "the reservation committed in etcd", || etcd.marks("lost")[&0] > before);
+    let after = etcd.marks("lost")[&0];
+    eventually(Duration::from_secs(10), "the node's txn timed out", || {
+        cut_off.metric("tradeid_etcd_txn_total{result=\"error\"}") > errors
+    });
+    assert!(proxy.swallowed.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    proxy.heal();
+    for id in drain_all(&[cut_off.addr, direct.addr]) {
+        assert!(seen.insert(id.clone()), "{id} issued twice");
+    }
+    let header = tradeid::state::Snapshot::read(&a).unwrap().header;
+    let permutation = header.permutation();
+    for id in &seen {
+        let counter = permutation.invert(tradeid::Id::parse(id).unwrap().value());
+        assert!(!(before..after).contains(&counter), "{id} (counter {counter}) is from the block whose reply was lost");
+    }
+    assert_eq!(seen.len() as u64, (1 << 12) - (after - before), "every other ID, once");
 }

@@ -4,10 +4,13 @@
 
 #![allow(dead_code)] // each test uses a different subset
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// One etcd member.
@@ -23,6 +26,10 @@ pub struct Etcd {
     members: Vec<Member>,
     dir: tempfile::TempDir,
     tls: Option<Tls>,
+    /// More flags for every member (e.g. `--auth-token-ttl`).
+    extra: Vec<String>,
+    /// Whether authentication is on (then health is asked of etcdctl).
+    auth: bool,
 }
 
 /// TLS material for a member's client port.
@@ -50,12 +57,22 @@ impl Etcd {
         Etcd::start(1, Some(tls))
     }
 
+    /// One member started with `extra` flags.
+    pub fn single_with(extra: &[&str]) -> Etcd {
+        Etcd::start_with(1, None, extra)
+    }
+
     fn start(count: usize, tls: Option<Tls>) -> Etcd {
+        Etcd::start_with(count, tls, &[])
+    }
+
+    fn start_with(count: usize, tls: Option<Tls>, extra: &[&str]) -> Etcd {
         let dir = tempfile::tempdir().unwrap();
         let members = (0..count)
             .map(|i| Member { name: format!("m{i}"), client: free_port(), peer: free_port(), child: None })
             .collect();
-        let mut etcd = Etcd { members, dir, tls };
+        let extra = extra.iter().map(|a| a.to_string()).collect();
+        let mut etcd = Etcd { members, dir, tls, extra, auth: false };
         for i in 0..count {
             etcd.start_member(i);
         }
@@ -87,6 +104,7 @@ impl Etcd {
             .args(["--initial-cluster-token", "tradeid-test"])
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
             .args(["--logger", "zap", "--log-level", "error"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         if let Some(tls) = &self.tls {
@@ -102,6 +120,11 @@ impl Etcd {
     /// The client endpoints, comma-separated, for `--etcd`.
     pub fn endpoints(&self) -> String {
         self.members.iter().map(|m| format!("{}://127.0.0.1:{}", self.scheme(), m.client)).collect::<Vec<_>>().join(",")
+    }
+
+    /// Member `i`'s client port.
+    pub fn client_port(&self, i: usize) -> u16 {
+        self.members[i].client
     }
 
     /// The endpoints of the members still running.
@@ -164,7 +187,7 @@ impl Etcd {
         let deadline = Instant::now() + limit;
         loop {
             let ok = self.members.iter().filter(|m| m.child.is_some()).any(|m| {
-                if self.tls.is_some() {
+                if self.tls.is_some() || self.auth {
                     self.etcdctl(&["endpoint", "health"]).status.success()
                 } else {
                     post_json(m.client, "/v3/kv/put", r#"{"key":"aGVhbHRo","value":"b2s="}"#).is_some()
@@ -178,12 +201,69 @@ impl Etcd {
         }
     }
 
+    /// Saves a snapshot of the data to `path` (`etcdctl snapshot save`).
+    pub fn snapshot(&self, path: &Path) {
+        let out = self.etcdctl(&["snapshot", "save", path.to_str().unwrap()]);
+        assert!(out.status.success(), "etcdctl snapshot save: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Restores a one-member etcd from `snapshot`, as an operator restores
+    /// a backup: stop it, replace its data with the snapshot's (`etcdctl
+    /// snapshot restore`), start it again on the same addresses.
+    pub fn restore(&mut self, snapshot: &Path) {
+        assert_eq!(self.members.len(), 1, "restore is for a one-member etcd");
+        self.kill(0);
+        let m = &self.members[0];
+        let data = self.dir.path().join(&m.name);
+        std::fs::remove_dir_all(&data).unwrap();
+        let peer_url = format!("http://127.0.0.1:{}", m.peer);
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["snapshot", "restore", snapshot.to_str().unwrap(), "--data-dir", data.to_str().unwrap()])
+            .args(["--name", &m.name, "--initial-cluster", &format!("{}={peer_url}", m.name)])
+            .args(["--initial-advertise-peer-urls", &peer_url, "--initial-cluster-token", "tradeid-test"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "etcdctl snapshot restore: {}", String::from_utf8_lossy(&out.stderr));
+        self.start_member(0);
+        self.wait_healthy(Duration::from_secs(30));
+    }
+
+    /// The shard marks of cluster `name` as etcd holds them: shard → mark.
+    pub fn marks(&self, name: &str) -> BTreeMap<u32, u64> {
+        let out = self.etcdctl(&["get", "--prefix", &format!("/tradeid/{name}/marks/")]);
+        assert!(out.status.success(), "etcdctl get: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        lines.chunks(2).map(|kv| (kv[0].rsplit('/').next().unwrap().parse().unwrap(), kv[1].parse().unwrap())).collect()
+    }
+
+    /// Turns on etcd authentication with a `root` user and a user `tradeid`
+    /// (password `s3cret`) allowed to read and write `/tradeid/`.
+    pub fn enable_auth(&mut self) {
+        for args in [
+            vec!["user", "add", "root:rootpw"],
+            vec!["user", "add", "tradeid:s3cret"],
+            vec!["role", "add", "tradeid"],
+            vec!["role", "grant-permission", "tradeid", "--prefix=true", "readwrite", "/tradeid/"],
+            vec!["user", "grant-role", "tradeid", "tradeid"],
+            vec!["auth", "enable"],
+        ] {
+            let out = self.etcdctl(&args);
+            assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        self.auth = true;
+    }
+
     /// Runs etcdctl against the live members.
     pub fn etcdctl(&self, args: &[&str]) -> std::process::Output {
         let mut cmd = Command::new("etcdctl");
         cmd.env("ETCDCTL_API", "3").arg(format!("--endpoints={}", self.live_endpoints().join(",")));
         if let Some(tls) = &self.tls {
             cmd.arg("--cacert").arg(&tls.ca).arg("--cert").arg(&tls.cert).arg("--key").arg(&tls.key);
+        }
+        if self.auth {
+            cmd.arg("--user=root:rootpw");
         }
         cmd.args(args).output().expect("cannot run etcdctl; the cluster tests need it (Debian's etcd-client)")
     }
@@ -193,6 +273,113 @@ impl Drop for Etcd {
     fn drop(&mut self) {
         self.kill_all();
     }
+}
+
+/// A TCP proxy in front of one etcd endpoint that can swallow etcd's
+/// replies while still passing the requests on: a request then reaches
+/// etcd and commits, and its sender never hears back (a lost reply).
+pub struct Proxy {
+    /// `http://127.0.0.1:PORT`, to give as `--etcd`.
+    pub url: String,
+    swallow: Arc<AtomicBool>,
+    /// Bumped to cut every open connection.
+    generation: Arc<AtomicU64>,
+    /// Bytes etcd sent that were swallowed.
+    pub swallowed: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    /// A proxy to `127.0.0.1:upstream`, running until dropped.
+    pub fn start(upstream: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (swallow, generation, swallowed, stop) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let proxy = Proxy {
+            url,
+            swallow: Arc::clone(&swallow),
+            generation: Arc::clone(&generation),
+            swallowed: Arc::clone(&swallowed),
+            stop: Arc::clone(&stop),
+        };
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else { continue };
+                let born = generation.load(Ordering::SeqCst);
+                for (from, to, replies) in
+                    [(client.try_clone().unwrap(), server.try_clone().unwrap(), false), (server, client, true)]
+                {
+                    let (swallow, generation, swallowed, stop) =
+                        (Arc::clone(&swallow), Arc::clone(&generation), Arc::clone(&swallowed), Arc::clone(&stop));
+                    std::thread::spawn(move || {
+                        pump(from, to, replies.then_some((swallow, swallowed)), born, &generation, &stop)
+                    });
+                }
+            }
+        });
+        proxy
+    }
+
+    /// From now on, swallow etcd's replies (requests still pass).
+    pub fn swallow_replies(&self) {
+        self.swallow.store(true, Ordering::SeqCst);
+    }
+
+    /// Cuts every connection open now and passes replies again.
+    pub fn heal(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.swallow.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` to `to` until either end closes or the connection's
+/// generation is cut; etcd's replies are dropped while `swallow` is set.
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    swallow: Option<(Arc<AtomicBool>, Arc<AtomicU64>)>,
+    born: u64,
+    generation: &AtomicU64,
+    stop: &AtomicBool,
+) {
+    from.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    let mut buf = [0u8; 16384];
+    while generation.load(Ordering::SeqCst) == born && !stop.load(Ordering::Relaxed) {
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(_) => break,
+        };
+        if let Some((swallow, swallowed)) = &swallow {
+            if swallow.load(Ordering::SeqCst) {
+                swallowed.fetch_add(n as u64, Ordering::Relaxed);
+                continue;
+            }
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
 }
 
 /// A free loopback port (bound, then released for etcd to take).

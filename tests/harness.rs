@@ -115,6 +115,12 @@ impl Daemon {
         let _ = self.child.wait();
     }
 
+    /// Sends `signal` (e.g. `STOP`, `CONT`) and returns at once.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill").args([&format!("-{signal}"), &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
     /// Sends `signal` and waits up to `limit` for the exit.
     pub fn signal_and_wait(&mut self, signal: &str, limit: Duration) -> Option<ExitStatus> {
         Command::new("kill").args([&format!("-{signal}"), &self.child.id().to_string()]).status().unwrap();
@@ -155,6 +161,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // A stopped process (SIGSTOP) dies of SIGKILL all the same.
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -178,7 +185,7 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").unwrap();
     let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
+    stream.read_to_string(&mut response).unwrap_or_else(|e| panic!("GET {path} from {addr}: {e}"));
     let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (status, body)
@@ -285,11 +292,15 @@ pub fn fetch(addr: SocketAddr, count: u16) -> Vec<String> {
     }
 }
 
-/// What a load run collected: every ID received, and error replies by text.
+/// What a load run collected: every ID received, error replies by text,
+/// and when each reply arrived.
 #[derive(Default, Debug)]
 pub struct Collected {
     pub ids: Vec<String>,
     pub errors: std::collections::BTreeMap<String, usize>,
+    /// Arrival of every reply, from whom: whether it carried IDs, or the
+    /// error text.
+    pub timeline: Vec<(Instant, SocketAddr, Result<(), String>)>,
 }
 
 /// Sends a mix of single and bulk requests from `clients` threads, each
@@ -311,10 +322,13 @@ pub fn hammer_targets(
                     let mut got = Collected::default();
                     let mut buf = vec![0u8; 2048];
                     let mut i = c;
-                    let take = |n: usize, buf: &[u8], got: &mut Collected| {
+                    let take = |n: usize, from: SocketAddr, buf: &[u8], got: &mut Collected| {
                         if buf[..n].starts_with(b"!ERR") {
-                            *got.errors.entry(String::from_utf8_lossy(&buf[..n]).into_owned()).or_default() += 1;
+                            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                            got.timeline.push((Instant::now(), from, Err(text.clone())));
+                            *got.errors.entry(text).or_default() += 1;
                         } else {
+                            got.timeline.push((Instant::now(), from, Ok(())));
                             got.ids.extend(ids_of(&buf[..n]));
                         }
                     };
@@ -331,13 +345,13 @@ pub fn hammer_targets(
                             std::thread::sleep(Duration::from_millis(2));
                             continue;
                         }
-                        if let Ok(n) = socket.recv(&mut buf) {
-                            take(n, &buf, &mut got);
+                        if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                            take(n, from, &buf, &mut got);
                         }
                     }
                     socket.set_read_timeout(Some(Duration::from_millis(30))).unwrap();
-                    while let Ok(n) = socket.recv(&mut buf) {
-                        take(n, &buf, &mut got);
+                    while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                        take(n, from, &buf, &mut got);
                     }
                     got
                 })
@@ -348,9 +362,11 @@ pub fn hammer_targets(
     let mut all = Collected::default();
     for r in results {
         all.ids.extend(r.ids);
+        all.timeline.extend(r.timeline);
         for (k, v) in r.errors {
             *all.errors.entry(k).or_default() += v;
         }
     }
+    all.timeline.sort_by_key(|(at, _, _)| *at);
     all
 }

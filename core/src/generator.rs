@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{self as channel, Receiver, Sender, TryRecvError};
+use crossbeam_channel::{self as channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
 
 use crate::check;
 use crate::hooks::{self, TestHooks};
@@ -423,7 +423,25 @@ impl Reserver {
     }
 
     fn run(mut self, inbox: Receiver<Request>) {
-        for request in inbox {
+        let every = self.ledger.maintenance_every();
+        let mut maintain_at = every.map(|e| Instant::now() + e);
+        loop {
+            let request = match maintain_at {
+                None => inbox.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Some(at) => inbox.recv_deadline(at),
+            };
+            // Busy or idle, the ledger's housekeeping runs on time.
+            if let (Some(at), Some(every)) = (maintain_at, every) {
+                if Instant::now() >= at {
+                    self.ledger.maintain(&self.shared.store);
+                    maintain_at = Some(Instant::now() + every);
+                }
+            }
+            let request = match request {
+                Ok(request) => request,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
             match request {
                 Request::Register { worker, reply } => {
                     if self.workers.len() <= worker {
@@ -1148,6 +1166,59 @@ mod tests {
         for _ in 0..100 {
             let id = handle.next_id().unwrap();
             assert!(!first.contains(&id), "{id} issued again after the coordinator lost its marks");
+        }
+    }
+
+    /// A local ledger that asks for maintenance every 10 ms and counts it.
+    struct Maintained {
+        inner: LocalLedger,
+        calls: Arc<AtomicU64>,
+    }
+
+    impl Ledger for Maintained {
+        fn claim(&mut self, store: &Store, busy: &[bool]) -> Result<Option<u32>, LedgerError> {
+            self.inner.claim(store, busy)
+        }
+
+        fn advance(&mut self, shard: u32, floor: u64, size: u64) -> Result<Advance, LedgerError> {
+            self.inner.advance(shard, floor, size)
+        }
+
+        fn release(&mut self, shard: u32) {
+            self.inner.release(shard)
+        }
+
+        fn maintenance_every(&self) -> Option<Duration> {
+            Some(Duration::from_millis(10))
+        }
+
+        fn maintain(&mut self, _store: &Store) {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The reserver runs a ledger's housekeeping on time, idle or busy
+    /// (the etcd ledger re-asserts its marks this way).
+    #[test]
+    fn the_reserver_maintains_its_ledger_idle_or_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = init(dir.path(), Geometry::DEFAULT, false);
+        let store = Store::open(&[path]).unwrap().0;
+        let calls = Arc::new(AtomicU64::new(0));
+        let ledger = Maintained { inner: LocalLedger::new(&store), calls: Arc::clone(&calls) };
+        let generator = Generator::with_ledger(store, tiny_blocks(), Box::new(ledger));
+        let mut handle = generator.handle().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while calls.load(Ordering::Relaxed) < 3 {
+            assert!(Instant::now() < deadline, "no maintenance while idle");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Busy: a request every few microseconds never starves it.
+        let before = calls.load(Ordering::Relaxed);
+        let started = Instant::now();
+        while calls.load(Ordering::Relaxed) < before + 3 {
+            assert!(started.elapsed() < Duration::from_secs(10), "no maintenance while busy");
+            handle.next_id().unwrap();
         }
     }
 

@@ -13,6 +13,8 @@
 //! keep: **two calls of `advance` anywhere, in any process, never return
 //! overlapping blocks of one shard.**
 
+use std::time::Duration;
+
 use crate::state::Store;
 
 /// The authority over shard marks.
@@ -30,6 +32,18 @@ pub trait Ledger: Send + 'static {
 
     /// The caller no longer draws from `shard`.
     fn release(&mut self, shard: u32);
+
+    /// How often the reserver should call [`maintain`](Ledger::maintain),
+    /// busy or idle; `None` (the default): never.
+    fn maintenance_every(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Periodic housekeeping against the coordinator, with the local marks
+    /// at hand (the etcd ledger re-asserts them: a coordinator restored
+    /// from an old backup gets its marks raised again). An error is the
+    /// ledger's to report; the reserver calls again at the next interval.
+    fn maintain(&mut self, _store: &Store) {}
 }
 
 /// The result of [`Ledger::advance`].
@@ -48,7 +62,9 @@ pub enum Advance {
     Lost,
 }
 
-/// Why a ledger could not answer. Always temporary: the caller retries.
+/// Why a ledger could not answer. The caller retries; a ledger that has
+/// stopped granting for good (its coordinator's state contradicts this
+/// node's) answers every retry with the same error.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum LedgerError {
     /// The coordinator could not be reached or did not answer in time.

@@ -7,11 +7,11 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
 use tradeid::ledger::{Advance, Ledger, LedgerError};
 use tradeid::state::Store;
 
-use super::{parse_number, Etcd, EtcdError, Meta};
+use super::{Etcd, EtcdError, Meta};
 
 /// What the control plane shows about coordination. Written by the ledger
 /// and its membership task, read at scrape time.
@@ -32,7 +32,8 @@ pub(crate) struct ClusterStats {
     pub(crate) last_success_unix: AtomicU64,
     /// Reservation txn latency, in microseconds.
     pub(crate) latency_micros: Mutex<hdrhistogram::Histogram<u64>>,
-    /// IDs used in the whole cluster, as this node last saw the marks.
+    /// IDs used in the whole cluster: the sum of the highest mark this node
+    /// knows for each shard (never above the capacity).
     pub(crate) cluster_used: AtomicU64,
     /// IDs the whole cluster can ever issue.
     pub(crate) capacity: u64,
@@ -40,6 +41,13 @@ pub(crate) struct ClusterStats {
     pub(crate) last_reservation: Mutex<Option<(u32, u64, u64, u64)>>,
     /// The UDP address, once bound (for the node list).
     pub(crate) listen: Mutex<Option<std::net::SocketAddr>>,
+    /// Times etcd showed a shard mark below one this node knew it held
+    /// (etcd rolled back or its keys deleted).
+    pub(crate) rollbacks: AtomicU64,
+    /// Shard marks this node raised back in etcd to what it knew.
+    pub(crate) marks_raised: AtomicU64,
+    /// Why this node stopped reserving for good, if it did.
+    pub(crate) stopped: Mutex<Option<String>>,
 }
 
 impl ClusterStats {
@@ -76,12 +84,27 @@ pub(crate) struct EtcdLedger {
     meta: Meta,
     stats: Arc<ClusterStats>,
     lease: Arc<AtomicI64>,
-    /// Per shard: the mark this node last read or wrote in etcd.
+    /// Per shard: the mark this node last read or wrote in etcd (what its
+    /// next compare-and-swap compares against).
     expected: Vec<Option<u64>>,
+    /// Per shard: the highest mark this node knows etcd held: the highest
+    /// it read or wrote, and its own state file's (every local mark was
+    /// written after etcd's was raised past it). Marks only rise, so etcd
+    /// showing less means etcd lost data: this node then never reserves
+    /// below `seen` and raises etcd's mark back to it.
+    seen: Vec<u64>,
     /// When every mark was last read.
     refreshed: Option<Instant>,
+    /// When a rollback was last logged (at most one line per 10 s).
+    rollback_logged: Option<Instant>,
     /// Shards this node holds a claim on.
     mine: BTreeSet<u32>,
+    /// Why this node stopped reserving for good (the cluster's metadata
+    /// vanished from etcd or changed): it serves what it holds, then
+    /// `!ERR503`, until restarted.
+    stopped: Option<String>,
+    /// Periodic re-assertions skipped in a row because etcd was down.
+    skipped: u32,
     membership: tokio::task::JoinHandle<()>,
 }
 
@@ -107,9 +130,12 @@ impl EtcdLedger {
             capacity: u64::from(meta.shard_count()) * meta.shard_size(),
             last_reservation: Mutex::new(None),
             listen: Mutex::new(None),
+            rollbacks: AtomicU64::new(0),
+            marks_raised: AtomicU64::new(0),
+            stopped: Mutex::new(None),
         });
-        let lease_id =
-            etcd.run("taking a lease", |mut c| async move { c.lease_grant(LEASE_TTL_SECONDS, None).await })?.id();
+        let ttl = lease_ttl_seconds(&etcd);
+        let lease_id = etcd.run("taking a lease", |mut c| async move { c.lease_grant(ttl, None).await })?.id();
         let lease = Arc::new(AtomicI64::new(lease_id));
         let started = unix_now();
         let state = store.path().display().to_string();
@@ -128,104 +154,191 @@ impl EtcdLedger {
             started,
             state,
         ));
+        let count = meta.shard_count();
+        let seen: Vec<u64> = (0..count).map(|s| store.mark(s).min(meta.shard_size())).collect();
+        stats.cluster_used.store(seen.iter().sum(), Ordering::Relaxed);
         let mut ledger = EtcdLedger {
-            expected: vec![None; meta.shard_count() as usize],
+            expected: vec![None; count as usize],
+            seen,
             etcd,
             meta,
             stats: Arc::clone(&stats),
             lease,
             refreshed: None,
+            rollback_logged: None,
             mine: BTreeSet::new(),
+            stopped: None,
+            skipped: 0,
             membership,
         };
-        ledger.refresh().map_err(anyhow::Error::from)?;
-        ledger.raise_to_local(store)?;
+        ledger.reassert()?;
+        if let Some(reason) = &ledger.stopped {
+            anyhow::bail!("{reason}");
+        }
         tracing::info!(cluster = %stats.cluster, node = %node_id, etcd = ledger.etcd.endpoints(), "joined the cluster");
         Ok((ledger, stats))
+    }
+
+    /// Records that etcd holds `mark` for `shard`; whether that is below
+    /// what this node knew was there (etcd lost data).
+    fn observe(&mut self, shard: u32, mark: u64) -> bool {
+        let s = shard as usize;
+        self.expected[s] = Some(mark);
+        let rolled_back = mark < self.seen[s];
+        // (A mark past the shard's end, from a hand-edited key, is "full".)
+        let known = mark.min(self.meta.shard_size());
+        if known > self.seen[s] {
+            self.stats.cluster_used.fetch_add(known - self.seen[s], Ordering::Relaxed);
+            self.seen[s] = known;
+        }
+        if rolled_back {
+            self.stats.rollbacks.fetch_add(1, Ordering::Relaxed);
+        }
+        rolled_back
     }
 
     /// Reads every mark.
     fn refresh(&mut self) -> Result<(), EtcdError> {
         let marks = self.etcd.marks(self.meta.shard_count()).inspect_err(|_| self.stats.failure())?;
         self.stats.success();
-        self.stats.cluster_used.store(marks.iter().sum(), Ordering::Relaxed);
-        for (slot, mark) in self.expected.iter_mut().zip(marks) {
-            *slot = Some(mark);
-        }
-        self.refreshed = Some(Instant::now());
+        self.take_marks(marks);
         Ok(())
     }
 
-    fn raise_to_local(&mut self, store: &Store) -> anyhow::Result<()> {
-        let mut raised = 0;
+    fn take_marks(&mut self, marks: Vec<u64>) {
+        let rolled_back = (0..).zip(marks).filter(|&(shard, mark)| self.observe(shard, mark)).count();
+        self.refreshed = Some(Instant::now());
+        self.log_rollback(rolled_back);
+    }
+
+    fn log_rollback(&mut self, shards: usize) {
+        if shards == 0 || self.rollback_logged.is_some_and(|at| at.elapsed() < Duration::from_secs(10)) {
+            return;
+        }
+        self.rollback_logged = Some(Instant::now());
+        tracing::error!(
+            shards,
+            etcd = self.etcd.endpoints(),
+            "ROLLBACK: etcd's marks went back: {shards} shard mark(s) in {} are below values this node knows etcd held. \
+             Was etcd restored from a backup, or were its keys deleted? This node never reserves below what it knew and \
+             raises those marks again, but IDs that only other nodes reserved since may be issued twice: stop every node \
+             and follow \"After an etcd restore\" in docs/cluster.md",
+            self.etcd.key("marks/")
+        );
+    }
+
+    /// The periodic re-assertion (and the first step at start): in one
+    /// read, checks that the cluster's metadata is still this node's and
+    /// takes every mark; then raises every mark that is below what this
+    /// node knows (its state file's, or a higher one it read before), so
+    /// an etcd restored from an old backup is healed by every live node.
+    fn reassert(&mut self) -> anyhow::Result<()> {
+        let (meta, marks) = self.etcd.meta_and_marks(self.meta.shard_count()).inspect_err(|_| self.stats.failure())?;
+        self.stats.success();
+        match meta {
+            None => self.stop(format!(
+                "the cluster's metadata {} vanished from etcd at {} (etcd wiped, or restored from a backup older than the cluster)",
+                self.etcd.key("meta"),
+                self.etcd.endpoints()
+            )),
+            Some(meta) if !meta.same_space(&self.meta) => self.stop(format!(
+                "the cluster's metadata {} in etcd at {} changed (cluster id {:016x}, was {:016x}): the cluster was deleted and made again, or etcd restored from another cluster's backup",
+                self.etcd.key("meta"),
+                self.etcd.endpoints(),
+                meta.cluster_id,
+                self.meta.cluster_id
+            )),
+            Some(_) => {}
+        }
+        if self.stopped.is_some() {
+            return Ok(());
+        }
+        self.take_marks(marks);
+        let mut raised = 0u64;
         for shard in 0..self.meta.shard_count() {
-            let local = store.mark(shard);
-            loop {
-                let expected = self.expected[shard as usize].unwrap_or(0);
-                if local <= expected {
-                    break;
-                }
-                match self.cas(shard, expected, local)? {
-                    None => {
-                        self.expected[shard as usize] = Some(local);
-                        raised += 1;
-                        break;
-                    }
-                    Some(current) => self.expected[shard as usize] = Some(current),
-                }
+            let (current, target) = (self.expected[shard as usize].unwrap_or(0), self.seen[shard as usize]);
+            if current >= target {
+                continue;
             }
+            let (now, did) = self.etcd.raise_mark(shard, current, target).inspect_err(|_| self.stats.failure())?;
+            self.observe(shard, now);
+            raised += u64::from(did);
         }
         if raised > 0 {
-            tracing::warn!(
+            self.stats.marks_raised.fetch_add(raised, Ordering::Relaxed);
+            tracing::error!(
                 shards = raised,
-                "etcd's marks were below this node's state file (was etcd restored from an old backup?); raised them so no node reissues these IDs"
+                "raised {raised} shard mark(s) in etcd back to what this node knew (its state file, or marks it had read); \
+                 no node reserves below them from now on"
             );
         }
         Ok(())
     }
 
-    /// Raises `marks/SHARD` from `expected` to `new`. `Ok(None)`: done;
-    /// `Ok(Some(current))`: someone else moved it first (to `current`).
+    /// Stops reserving for good (until restarted), loudly.
+    fn stop(&mut self, reason: String) {
+        if self.stopped.is_some() {
+            return;
+        }
+        let reason = format!(
+            "reservations stopped: {reason}. This node serves the blocks it holds, then answers !ERR503. Stop every node \
+             and follow \"After an etcd restore\" in docs/cluster.md"
+        );
+        tracing::error!("{reason}");
+        *self.stats.stopped.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
+        self.stopped = Some(reason);
+        // Write nothing more into what is no longer this node's cluster:
+        // no registration, and the claims go with the lease.
+        self.membership.abort();
+        let lease = self.lease.swap(0, Ordering::AcqRel);
+        if lease != 0 {
+            let _ = self.etcd.run("leaving the cluster", |mut c| async move { c.lease_revoke(lease).await });
+        }
+    }
+
+    fn check_running(&self) -> Result<(), LedgerError> {
+        match &self.stopped {
+            Some(reason) => Err(LedgerError::Unavailable(reason.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Raises `marks/SHARD` from `expected` to `new`, counting the result.
+    /// `Ok(None)`: done; `Ok(Some(current))`: someone else moved it first
+    /// (to `current`). An error leaves the outcome unknown: see
+    /// [`Etcd::cas_mark`] for why that can only waste the block.
     fn cas(&self, shard: u32, expected: u64, new: u64) -> Result<Option<u64>, EtcdError> {
-        let key = self.etcd.key(&format!("marks/{shard:07}"));
         let started = Instant::now();
-        let result = self.etcd.run("reserving a block (compare-and-swap)", |mut c| async move {
-            let compare = if expected == 0 {
-                Compare::version(key.clone(), CompareOp::Equal, 0)
-            } else {
-                Compare::value(key.clone(), CompareOp::Equal, expected.to_string())
-            };
-            let txn = Txn::new()
-                .when([compare])
-                .and_then([TxnOp::put(key.clone(), new.to_string(), None)])
-                .or_else([TxnOp::get(key, None)]);
-            c.txn(txn).await
-        });
-        let response = match result {
-            Ok(r) => r,
-            Err(e) => {
+        let result = self.etcd.cas_mark(shard, expected, new);
+        // One line per reservation txn (TRADEID_LOG=tradeid_server::cluster=debug;
+        // perf/bench.py reads the latencies from it), never per ID.
+        tracing::debug!(
+            shard,
+            us = started.elapsed().as_micros() as u64,
+            result = match &result {
+                Ok(None) => "committed",
+                Ok(Some(_)) => "conflict",
+                Err(_) => "error",
+            },
+            "etcd reservation txn"
+        );
+        match &result {
+            Err(_) => {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
                 self.stats.up.store(false, Ordering::Relaxed);
-                return Err(e);
             }
-        };
-        self.stats.success();
-        if response.succeeded() {
-            self.stats.committed.fetch_add(1, Ordering::Relaxed);
-            let micros = started.elapsed().as_micros() as u64;
-            self.stats.latency_micros.lock().unwrap_or_else(|p| p.into_inner()).saturating_record(micros.max(1));
-            return Ok(None);
+            Ok(None) => {
+                self.stats.success();
+                self.stats.committed.fetch_add(1, Ordering::Relaxed);
+                let micros = started.elapsed().as_micros() as u64;
+                self.stats.latency_micros.lock().unwrap_or_else(|p| p.into_inner()).saturating_record(micros.max(1));
+            }
+            Ok(Some(_)) => {
+                self.stats.success();
+                self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+            }
         }
-        self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
-        let current = response
-            .op_responses()
-            .into_iter()
-            .find_map(|op| match op {
-                TxnOpResponse::Get(get) => Some(get.kvs().first().and_then(|kv| parse_number(kv.value())).unwrap_or(0)),
-                _ => None,
-            })
-            .unwrap_or(0);
-        Ok(Some(current))
+        result
     }
 
     /// Tries to claim `shard` under this node's lease (taking a new lease
@@ -233,10 +346,8 @@ impl EtcdLedger {
     fn try_claim(&self, shard: u32) -> Result<bool, EtcdError> {
         let mut lease = self.lease.load(Ordering::Acquire);
         if lease == 0 {
-            lease = self
-                .etcd
-                .run("taking a lease", |mut c| async move { c.lease_grant(LEASE_TTL_SECONDS, None).await })?
-                .id();
+            let ttl = lease_ttl_seconds(&self.etcd);
+            lease = self.etcd.run("taking a lease", |mut c| async move { c.lease_grant(ttl, None).await })?.id();
             self.lease.store(lease, Ordering::Release);
         }
         let key = self.etcd.key(&format!("claims/{shard:07}"));
@@ -259,8 +370,10 @@ impl EtcdLedger {
         }
     }
 
-    fn full(&self, store: &Store, shard: u32) -> bool {
-        self.expected[shard as usize].unwrap_or(0).max(store.mark(shard)) >= self.meta.shard_size()
+    /// The highest mark this node knows for `shard` (etcd's as last read,
+    /// anything higher it knew before, its own file's).
+    fn known(&self, store: &Store, shard: u32) -> u64 {
+        self.expected[shard as usize].unwrap_or(0).max(self.seen[shard as usize]).max(store.mark(shard))
     }
 }
 
@@ -270,16 +383,18 @@ fn unavailable(e: EtcdError) -> LedgerError {
 
 impl Ledger for EtcdLedger {
     fn claim(&mut self, store: &Store, busy: &[bool]) -> Result<Option<u32>, LedgerError> {
+        self.check_running()?;
         if self.refreshed.is_none_or(|at| at.elapsed() > REFRESH_EVERY) {
             self.refresh().map_err(unavailable)?;
         }
         let claims = self.etcd.claims().inspect_err(|_| self.stats.failure()).map_err(unavailable)?;
         let count = self.meta.shard_count();
+        let size = self.meta.shard_size();
         // Resume partly used shards first (no holes), then untouched ones
         // from a point that differs per node, so nodes rarely collide.
         let offset = u32::from_str_radix(&self.stats.node_id[..8], 16).unwrap_or(0) % count;
-        let open = |s: &u32| !busy[*s as usize] && !self.full(store, *s) && !claims.contains_key(s);
-        let partly = (0..count).filter(|s| self.expected[*s as usize].unwrap_or(0).max(store.mark(*s)) > 0);
+        let open = |s: &u32| !busy[*s as usize] && self.known(store, *s) < size && !claims.contains_key(s);
+        let partly = (0..count).filter(|s| self.known(store, *s) > 0);
         let untouched = (0..count).map(|i| (i + offset) % count);
         let candidates: Vec<u32> = partly.chain(untouched).filter(open).take(CLAIM_TRIES).collect();
         for shard in candidates {
@@ -291,10 +406,19 @@ impl Ledger for EtcdLedger {
         // Every open shard is claimed by someone: share one (the CAS keeps
         // blocks apart), after making sure the marks are current.
         self.refresh().map_err(unavailable)?;
-        Ok((0..count).find(|s| !busy[*s as usize] && !self.full(store, *s)))
+        Ok((0..count).find(|s| !busy[*s as usize] && self.known(store, *s) < size))
     }
 
+    /// The one decision everything rests on. The block starts at the
+    /// highest of: etcd's mark (as this node last read or wrote it), what
+    /// this node knows etcd held before (`seen`: never below it, even if
+    /// etcd went back), and the local file's mark (`floor`). The CAS
+    /// compares against etcd's mark as last read, so it commits only if
+    /// nobody moved it since: two committed CASes on one shard move the
+    /// mark from two different values, and their blocks cannot overlap.
+    /// If etcd's mark went back, the same CAS also puts it back up.
     fn advance(&mut self, shard: u32, floor: u64, size: u64) -> Result<Advance, LedgerError> {
+        self.check_running()?;
         let shard_size = self.meta.shard_size();
         for _ in 0..CAS_TRIES {
             let expected = match self.expected[shard as usize] {
@@ -304,21 +428,28 @@ impl Ledger for EtcdLedger {
                     self.expected[shard as usize].unwrap_or(0)
                 }
             };
-            let start = expected.max(floor);
+            let start = expected.max(floor).max(self.seen[shard as usize]);
             if start >= shard_size {
                 return Ok(Advance::Full);
             }
             let end = (start + size).min(shard_size);
+            // An error here (a timeout, a lost reply) leaves `expected` as
+            // it was: the retry compares against it again, so if the lost
+            // txn did commit, the retry loses, rereads, and skips that block.
             match self.cas(shard, expected, end).map_err(unavailable)? {
                 None => {
-                    self.expected[shard as usize] = Some(end);
-                    self.stats.cluster_used.fetch_add(end - expected, Ordering::Relaxed);
+                    self.observe(shard, end);
                     *self.stats.last_reservation.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some((shard, start, end, unix_now()));
                     return Ok(Advance::Block { start, end });
                 }
-                // Someone else moved the mark: retry from where it is now.
-                Some(current) => self.expected[shard as usize] = Some(current),
+                // Someone else moved the mark: retry from where it is now
+                // (and never below what this node knew, if it went back).
+                Some(current) => {
+                    if self.observe(shard, current) {
+                        self.log_rollback(1);
+                    }
+                }
             }
         }
         Ok(Advance::Lost)
@@ -341,6 +472,29 @@ impl Ledger for EtcdLedger {
             let _ = tokio::time::timeout(super::REQUEST_TIMEOUT, client.txn(txn)).await;
         });
     }
+
+    fn maintenance_every(&self) -> Option<Duration> {
+        Some(REASSERT_EVERY)
+    }
+
+    /// The periodic re-assertion ([`EtcdLedger::reassert`]), skipped while
+    /// etcd does not answer (the membership task notices its return within
+    /// seconds), so that an unreachable etcd does not also hold up the
+    /// reserver for a request timeout. A failure is already on the metrics
+    /// and in the membership task's warnings; the next interval tries again.
+    fn maintain(&mut self, _store: &Store) {
+        // (Still tried every tenth time, in case only the membership fails.)
+        if !self.stats.up.load(Ordering::Relaxed) && self.skipped < 9 {
+            self.skipped += 1;
+            return;
+        }
+        self.skipped = 0;
+        if self.stopped.is_none() {
+            if let Err(e) = self.reassert() {
+                tracing::debug!("re-asserting the marks failed: {e:#}");
+            }
+        }
+    }
 }
 
 impl Drop for EtcdLedger {
@@ -353,6 +507,10 @@ impl Drop for EtcdLedger {
             let _ = self.etcd.run("leaving the cluster", |mut c| async move { c.lease_revoke(lease).await });
         }
     }
+}
+
+fn lease_ttl_seconds(etcd: &Etcd) -> i64 {
+    etcd.lease_ttl.as_secs().max(1) as i64
 }
 
 /// Keeps the lease alive and the registration current, in the background.
@@ -368,61 +526,86 @@ async fn membership(
     state: String,
 ) {
     let mut client = etcd.client.clone();
-    let mut stream: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> = None;
+    // The keep-alive stream, and the lease it keeps alive.
+    let mut stream: Option<(i64, etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> = None;
     let mut last_warning: Option<Instant> = None;
+    let ttl = lease_ttl_seconds(&etcd);
+    // Several keep-alives per TTL, so one lost to a hiccup is harmless.
+    let every = (etcd.lease_ttl / 5).clamp(Duration::from_millis(200), Duration::from_secs(2));
+    let mut expired = false;
     loop {
-        tokio::time::sleep(KEEPALIVE_EVERY).await;
+        tokio::time::sleep(every).await;
         let step = async {
             let mut id = lease.load(Ordering::Acquire);
             if id == 0 {
-                id = client.lease_grant(LEASE_TTL_SECONDS, None).await?.id();
+                id = client.lease_grant(ttl, None).await?.id();
                 lease.store(id, Ordering::Release);
-                stream = None;
             }
-            if stream.is_none() {
-                stream = Some(client.lease_keep_alive(id).await?);
+            // A new lease (taken here, or by a claim) needs its own stream.
+            if stream.as_ref().is_none_or(|(of, _, _)| *of != id) {
+                let (keeper, responses) = client.lease_keep_alive(id).await?;
+                stream = Some((id, keeper, responses));
             }
-            let (keeper, responses) = stream.as_mut().expect("opened above");
+            let (_, keeper, responses) = stream.as_mut().expect("opened above");
             keeper.keep_alive().await?;
             let alive = responses.message().await?.is_some_and(|r| r.ttl() > 0);
             if alive {
                 let info = stats.node_info(started, &state);
                 client.put(node_key.clone(), info, Some(PutOptions::new().with_lease(id))).await?;
-            } else {
-                let _ = lease.compare_exchange(id, 0, Ordering::AcqRel, Ordering::Relaxed);
-                stream = None;
             }
-            Ok::<bool, etcd_client::Error>(alive)
+            Ok::<(i64, bool), etcd_client::Error>((id, alive))
         };
+        let was_expired = expired;
         let problem = match tokio::time::timeout(super::REQUEST_TIMEOUT, step).await {
-            Ok(Ok(true)) => {
+            Ok(Ok((_, true))) => {
                 stats.success();
+                if std::mem::take(&mut expired) {
+                    tracing::info!("took a new etcd lease and registered again (etcd at {})", etcd.endpoints());
+                }
                 continue;
             }
-            Ok(Ok(false)) => "this node's etcd lease had expired; took a new one".to_string(),
+            // Expired: answered with a TTL of 0, or "lease not found".
+            Ok(Ok((id, false))) => {
+                let _ = lease.compare_exchange(id, 0, Ordering::AcqRel, Ordering::Relaxed);
+                expired = true;
+                LEASE_EXPIRED.to_string()
+            }
+            Ok(Err(e)) if e.to_string().contains("lease not found") => {
+                let id = stream.as_ref().map_or(lease.load(Ordering::Acquire), |(of, _, _)| *of);
+                let _ = lease.compare_exchange(id, 0, Ordering::AcqRel, Ordering::Relaxed);
+                expired = true;
+                LEASE_EXPIRED.to_string()
+            }
             Ok(Err(e)) => format!("keeping this node's etcd lease alive failed: {e}"),
             Err(_) => format!("keeping this node's etcd lease alive took over {:?}", super::REQUEST_TIMEOUT),
         };
         // The keep-alive stream may be broken; open a new one next time.
         stream = None;
         stats.failure();
-        if last_warning.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+        // The moment the lease is found expired is always logged.
+        let just_expired = expired && !was_expired;
+        if just_expired || last_warning.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
             tracing::warn!("{problem} (etcd at {})", etcd.endpoints());
             last_warning = Some(Instant::now());
         }
     }
 }
 
+/// Logged when the lease is found expired.
+const LEASE_EXPIRED: &str =
+    "this node's etcd lease had expired (etcd out of reach, or this process paused, for longer \
+     than its TTL): its shard claims are gone and other nodes may draw from its shards, which costs contention, never \
+     a duplicate; taking a new one";
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// The lease's time to live: how long a dead node's claims linger.
-const LEASE_TTL_SECONDS: i64 = 10;
-/// How often the lease is kept alive and the registration rewritten.
-const KEEPALIVE_EVERY: Duration = Duration::from_secs(2);
 /// How stale the cached marks may get before a claim rereads them all.
 const REFRESH_EVERY: Duration = Duration::from_secs(5);
+/// How often every node rereads the marks and raises any that went below
+/// what it knows (etcd restored from a backup while nodes run).
+const REASSERT_EVERY: Duration = Duration::from_secs(3);
 /// Shards tried per claim before sharing a claimed one.
 const CLAIM_TRIES: usize = 8;
 /// Compare-and-swap attempts on one shard before giving it up.

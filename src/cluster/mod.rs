@@ -28,9 +28,10 @@ use std::time::Duration;
 use anyhow::Context;
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, TlsOptions, Txn, TxnOp,
+    TxnOpResponse,
 };
 use tradeid::id::{Key, ROUNDS};
-use tradeid::state::{check_cluster_name, ClusterBinding};
+use tradeid::state::{check_cluster_name, ClusterBinding, Geometry, Header};
 
 use crate::errors::ConfigError;
 
@@ -48,6 +49,8 @@ pub struct Options {
     pub identity: Option<(PathBuf, PathBuf)>,
     /// User name and password for etcd's own authentication.
     pub user: Option<(String, String)>,
+    /// The node's lease: how long a stopped node's shard claims outlive it.
+    pub lease_ttl: Duration,
 }
 
 impl std::fmt::Debug for Options {
@@ -58,11 +61,15 @@ impl std::fmt::Debug for Options {
             .field("ca", &self.ca)
             .field("identity", &self.identity)
             .field("user", &self.user.as_ref().map(|(u, _)| u)) // never the password
+            .field("lease_ttl", &self.lease_ttl)
             .finish()
     }
 }
 
-/// The space a cluster hands out, as stored in its `meta` key.
+/// The space a cluster hands out, as stored in its `meta` key: one
+/// `name value` field a line, so a field added later (an older reader
+/// ignores it) needs one line in [`encode`](Meta::encode) and one in
+/// [`decode`](Meta::decode).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Meta {
     /// Random, never 0: a cluster deleted and made again is another one.
@@ -74,6 +81,25 @@ pub(crate) struct Meta {
 }
 
 impl Meta {
+    /// The metadata a state file of the cluster implies (to write it again
+    /// into an etcd that lost it).
+    pub(crate) fn of_file(header: &Header) -> Option<Meta> {
+        let binding = header.cluster?;
+        Some(Meta {
+            cluster_id: binding.id,
+            width: header.geometry.width,
+            shard_bits: header.geometry.shard_bits,
+            key: header.key,
+            created_unix: header.created_unix,
+        })
+    }
+
+    /// Whether `other` describes the same ID space (everything but the
+    /// creation time, which only informs).
+    pub(crate) fn same_space(&self, other: &Meta) -> bool {
+        Meta { created_unix: 0, ..*self } == Meta { created_unix: 0, ..*other }
+    }
+
     fn encode(&self) -> String {
         let key: String = self.key.0.iter().map(|w| format!("{w:016x}")).collect();
         format!(
@@ -82,6 +108,9 @@ impl Meta {
         )
     }
 
+    /// Parses and validates the stored text: anything that does not make
+    /// a valid space (a geometry the state format cannot hold, a key that
+    /// is not 64 hex digits, an id of 0) is refused, never half-used.
     fn decode(text: &str) -> Result<Meta, String> {
         let fields: BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once(' ')).collect();
         let get = |name: &str| fields.get(name).copied().ok_or_else(|| format!("no {name:?} field"));
@@ -89,22 +118,24 @@ impl Meta {
             return Err(format!("metadata version {} is not supported", get("tradeid-cluster")?));
         }
         let hex = get("key")?;
-        if hex.len() != ROUNDS * 16 {
-            return Err("the key is not 64 hex digits".into());
+        if hex.len() != ROUNDS * 16 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("the key is not {} hex digits", ROUNDS * 16));
         }
         let mut key = [0u64; ROUNDS];
         for (i, word) in key.iter_mut().enumerate() {
             *word = u64::from_str_radix(&hex[i * 16..(i + 1) * 16], 16).map_err(|_| "the key is not hex")?;
         }
         let number = |name: &str| get(name)?.parse::<u64>().map_err(|_| format!("{name} is not a number"));
+        let small = |name: &str| get(name)?.parse::<u32>().map_err(|_| format!("{name} is not a small number"));
         let cluster_id = u64::from_str_radix(get("cluster-id")?, 16).map_err(|_| "cluster-id is not hex")?;
-        Ok(Meta {
-            cluster_id,
-            width: number("width")? as u32,
-            shard_bits: number("shard-bits")? as u32,
-            key: Key(key),
-            created_unix: number("created")?,
-        })
+        if cluster_id == 0 {
+            return Err("cluster-id is 0".into());
+        }
+        let (width, shard_bits) = (small("width")?, small("shard-bits")?);
+        Geometry { width, shard_bits, node: 0, nodes: 1 }
+            .validate()
+            .map_err(|e| format!("width {width} and shard-bits {shard_bits} are not a valid space: {e}"))?;
+        Ok(Meta { cluster_id, width, shard_bits, key: Key(key), created_unix: number("created")? })
     }
 
     pub(crate) fn shard_count(&self) -> u32 {
@@ -114,6 +145,16 @@ impl Meta {
     pub(crate) fn shard_size(&self) -> u64 {
         1 << self.shard_bits
     }
+}
+
+/// The cluster's `meta` key holds something that is not a valid tradeid
+/// cluster's metadata.
+#[derive(Debug, thiserror::Error)]
+#[error("etcd at {endpoints}: the metadata under {key} is not a valid tradeid cluster's: {reason}. Nothing is reserved from it. Stop every node, delete it (`etcdctl del {key}`), and write it again from any node's state file with `tradeid raise-marks` (docs/cluster.md, \"After an etcd restore\")")]
+pub(crate) struct CorruptMeta {
+    endpoints: String,
+    key: String,
+    reason: String,
 }
 
 const META_VERSION: u32 = 1;
@@ -127,6 +168,7 @@ pub(crate) struct Etcd {
     pub(super) client: Client,
     prefix: String,
     endpoints: String,
+    pub(super) lease_ttl: Duration,
 }
 
 /// Why an etcd request failed, named for the operator.
@@ -142,7 +184,9 @@ pub(crate) struct EtcdError {
 }
 
 impl Etcd {
-    /// Connects (lazily: a down etcd shows on the first request).
+    /// Connects. Without authentication the connection is lazy (a down
+    /// etcd shows on the first request); with it, this logs in, so a down
+    /// etcd fails here (`serve` retries, see [`open_for_serving`]).
     pub(crate) fn connect(options: &Options) -> anyhow::Result<Etcd> {
         check_cluster_name(&options.name).map_err(|e| ConfigError(format!("--cluster: {e}")))?;
         if options.endpoints.is_empty() {
@@ -158,20 +202,24 @@ impl Etcd {
             .with_connect_timeout(REQUEST_TIMEOUT)
             .with_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-            .with_require_leader(true);
+            .with_require_leader(true)
+            // etcd's auth tokens expire (`--auth-token-ttl`, 300 s by
+            // default, or a JWT's ttl): a request refused for an expired
+            // token logs in again and is retried once, so a long-running
+            // node keeps reserving. Without credentials this does nothing.
+            .with_auto_token_refresh(true);
         let tls_wanted = options.ca.is_some() || options.identity.is_some();
         if tls_wanted {
             let mut tls = TlsOptions::new();
+            // A file that cannot be read is a setting to fix (never waited for).
+            let read = |flag: &str, path: &PathBuf| {
+                std::fs::read(path).map_err(|e| ConfigError(format!("cannot read {flag} {}: {e}", path.display())))
+            };
             if let Some(ca) = &options.ca {
-                let pem = std::fs::read(ca).with_context(|| format!("cannot read --etcd-ca {}", ca.display()))?;
-                tls = tls.ca_certificate(Certificate::from_pem(pem));
+                tls = tls.ca_certificate(Certificate::from_pem(read("--etcd-ca", ca)?));
             }
             if let Some((cert, key)) = &options.identity {
-                let cert_pem =
-                    std::fs::read(cert).with_context(|| format!("cannot read --etcd-cert {}", cert.display()))?;
-                let key_pem =
-                    std::fs::read(key).with_context(|| format!("cannot read --etcd-key {}", key.display()))?;
-                tls = tls.identity(Identity::from_pem(cert_pem, key_pem));
+                tls = tls.identity(Identity::from_pem(read("--etcd-cert", cert)?, read("--etcd-key", key)?));
             }
             connect = connect.with_tls(tls);
         }
@@ -194,7 +242,13 @@ impl Etcd {
                 .into())
             }
         };
-        Ok(Etcd { runtime: Arc::new(runtime), client, prefix: format!("/tradeid/{}/", options.name), endpoints })
+        Ok(Etcd {
+            runtime: Arc::new(runtime),
+            client,
+            prefix: format!("/tradeid/{}/", options.name),
+            endpoints,
+            lease_ttl: options.lease_ttl,
+        })
     }
 
     /// Runs one request on the runtime, bounded by [`REQUEST_TIMEOUT`].
@@ -224,16 +278,109 @@ impl Etcd {
     pub(crate) fn meta(&self) -> Result<Option<Meta>, anyhow::Error> {
         let key = self.key("meta");
         let response = self.run("reading the cluster metadata", |mut c| async move { c.get(key, None).await })?;
-        match response.kvs().first() {
-            None => Ok(None),
-            Some(kv) => Meta::decode(&String::from_utf8_lossy(kv.value())).map(Some).map_err(|e| {
-                anyhow::anyhow!(
-                    "etcd at {}: the metadata under {} is not a tradeid cluster's: {e}",
-                    self.endpoints,
-                    self.key("meta")
-                )
-            }),
+        Ok(self.decode_meta(response.kvs().first().map(|kv| kv.value()))?)
+    }
+
+    /// Decodes the stored `meta` value (`None`: the key is absent).
+    fn decode_meta(&self, value: Option<&[u8]>) -> Result<Option<Meta>, CorruptMeta> {
+        let Some(value) = value else { return Ok(None) };
+        Meta::decode(&String::from_utf8_lossy(value)).map(Some).map_err(|reason| CorruptMeta {
+            endpoints: self.endpoints.clone(),
+            key: self.key("meta"),
+            reason,
+        })
+    }
+
+    /// The metadata and every shard's mark, in one linearizable read (one
+    /// txn of two ranges): what the periodic re-assertion checks.
+    pub(crate) fn meta_and_marks(&self, shard_count: u32) -> Result<(Option<Meta>, Vec<u64>), anyhow::Error> {
+        let meta_key = self.key("meta");
+        let prefix = self.key("marks/");
+        let response = self.run("reading the cluster metadata and marks", |mut c| async move {
+            let txn = Txn::new()
+                .and_then([TxnOp::get(meta_key, None), TxnOp::get(prefix, Some(GetOptions::new().with_prefix()))]);
+            c.txn(txn).await
+        })?;
+        let mut ranges = response.op_responses().into_iter().filter_map(|op| match op {
+            TxnOpResponse::Get(get) => Some(get),
+            _ => None,
+        });
+        let (Some(meta), Some(marks)) = (ranges.next(), ranges.next()) else {
+            anyhow::bail!("etcd at {}: a read of two ranges answered fewer", self.endpoints);
+        };
+        let meta = self.decode_meta(meta.kvs().first().map(|kv| kv.value()))?;
+        Ok((meta, marks_of(shard_count, marks.kvs())))
+    }
+
+    /// Compare-and-swap of `marks/SHARD` from `expected` (0: absent) to
+    /// `new`: `Ok(None)` if it committed, `Ok(Some(current))` if the mark
+    /// was not `expected` (then `current` is what it is: 0 if absent).
+    ///
+    /// An error means *unknown*, not *failed*: a txn whose reply was lost
+    /// (a timeout, a dropped connection) may have committed. Callers must
+    /// then neither use the block nor assume the mark is unchanged beyond
+    /// comparing against it again: the next attempt, comparing against the
+    /// old `expected`, loses if the lost txn committed (and rereads the
+    /// mark), so the block of a lost reply is skipped, never handed out
+    /// twice. A lost txn that arrives late commits only if the mark is
+    /// still `expected`, i.e. nobody reserved past it meanwhile (marks only
+    /// rise, so the value cannot come back).
+    pub(crate) fn cas_mark(&self, shard: u32, expected: u64, new: u64) -> Result<Option<u64>, EtcdError> {
+        let key = self.key(&format!("marks/{shard:07}"));
+        let response = self.run("reserving a block (compare-and-swap)", |mut c| async move {
+            let compare = if expected == 0 {
+                Compare::version(key.clone(), CompareOp::Equal, 0)
+            } else {
+                Compare::value(key.clone(), CompareOp::Equal, expected.to_string())
+            };
+            let txn = Txn::new()
+                .when([compare])
+                .and_then([TxnOp::put(key.clone(), new.to_string(), None)])
+                .or_else([TxnOp::get(key, None)]);
+            c.txn(txn).await
+        })?;
+        if response.succeeded() {
+            return Ok(None);
         }
+        let current = response
+            .op_responses()
+            .into_iter()
+            .find_map(|op| match op {
+                TxnOpResponse::Get(get) => Some(get.kvs().first().and_then(|kv| parse_number(kv.value())).unwrap_or(0)),
+                _ => None,
+            })
+            .unwrap_or(0);
+        Ok(Some(current))
+    }
+
+    /// Raises `marks/SHARD` to at least `target`, starting from `current`
+    /// (what was last read); marks only rise, so a mark found at or above
+    /// `target` is left alone. Returns the mark it ends at and whether
+    /// this call raised it.
+    pub(crate) fn raise_mark(&self, shard: u32, mut current: u64, target: u64) -> Result<(u64, bool), EtcdError> {
+        while current < target {
+            match self.cas_mark(shard, current, target)? {
+                None => return Ok((target, true)),
+                Some(now) => current = now,
+            }
+        }
+        Ok((current, false))
+    }
+
+    /// Writes `meta` unless the key exists; returns what is there after.
+    pub(crate) fn write_meta_if_absent(&self, meta: &Meta) -> anyhow::Result<Option<Meta>> {
+        let key = self.key("meta");
+        let value = meta.encode();
+        let response = self.run("writing the cluster metadata", |mut c| async move {
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(key.clone(), value, None)]);
+            c.txn(txn).await
+        })?;
+        if response.succeeded() {
+            return Ok(Some(*meta));
+        }
+        self.meta()
     }
 
     /// Creates the cluster with a new key unless it exists; either way
@@ -267,15 +414,7 @@ impl Etcd {
         let response = self.run("reading the shard marks", |mut c| async move {
             c.get(prefix, Some(GetOptions::new().with_prefix())).await
         })?;
-        let mut marks = vec![0u64; shard_count as usize];
-        for kv in response.kvs() {
-            if let (Some(shard), Some(mark)) = (shard_of(kv.key()), parse_number(kv.value())) {
-                if let Some(slot) = marks.get_mut(shard as usize) {
-                    *slot = mark;
-                }
-            }
-        }
-        Ok(marks)
+        Ok(marks_of(shard_count, response.kvs()))
     }
 
     /// Which node holds a claim on which shard.
@@ -313,6 +452,19 @@ impl Etcd {
     }
 }
 
+/// Every shard's mark from a range read of `marks/` (an absent key is 0).
+fn marks_of(shard_count: u32, kvs: &[etcd_client::KeyValue]) -> Vec<u64> {
+    let mut marks = vec![0u64; shard_count as usize];
+    for kv in kvs {
+        if let (Some(shard), Some(mark)) = (shard_of(kv.key()), parse_number(kv.value())) {
+            if let Some(slot) = marks.get_mut(shard as usize) {
+                *slot = mark;
+            }
+        }
+    }
+    marks
+}
+
 /// Opens a cluster for `serve`: connects, reads the metadata (waiting up to
 /// [`START_WAIT`] for etcd to answer), and checks that the state file was
 /// made for this very cluster.
@@ -338,19 +490,23 @@ pub(crate) fn open_for_serving(
             options.name
         )));
     }
-    let etcd = Etcd::connect(options)?;
+    // One bounded wait for connecting (which logs in, with credentials)
+    // and reading the metadata alike: etcd may come up after this node.
     let started = std::time::Instant::now();
-    let meta = loop {
-        match etcd.meta() {
-            Ok(Some(meta)) => break meta,
-            Ok(None) => anyhow::bail!(ConfigError(format!(
-                "cluster {:?} does not exist in etcd at {} (its metadata {} is missing), but state file {} was made for it. If etcd lost its data, restore etcd from a backup; never create the cluster again under this name",
+    let (etcd, meta) = loop {
+        let attempt = Etcd::connect(options).and_then(|etcd| Ok((etcd.meta()?, etcd)));
+        match attempt {
+            Ok((Some(meta), etcd)) => break (etcd, meta),
+            Ok((None, etcd)) => anyhow::bail!(ConfigError(format!(
+                "cluster {:?} does not exist in etcd at {} (its metadata {} is missing), but state file {} was made for it. If etcd lost its data or was restored from a backup, stop every node of the cluster and run `tradeid raise-marks --state FILE --etcd {} --cluster {}` with each node's state file before starting any (docs/cluster.md, \"After an etcd restore\"); never create the cluster again under this name",
                 options.name,
                 etcd.endpoints(),
                 etcd.key("meta"),
-                state.display()
+                state.display(),
+                etcd.endpoints(),
+                options.name
             ))),
-            Err(e) if is_denied(&e) => return Err(e),
+            Err(e) if is_final(&e) => return Err(e),
             Err(e) if started.elapsed() < START_WAIT => {
                 tracing::warn!("waiting for etcd: {e:#}");
                 std::thread::sleep(Duration::from_secs(1));
@@ -370,8 +526,12 @@ pub(crate) fn open_for_serving(
     Ok((etcd, meta))
 }
 
-fn is_denied(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| c.downcast_ref::<EtcdError>().is_some_and(|e| e.denied) || c.is::<ConfigError>())
+/// Errors that waiting cannot fix: refused credentials, a bad flag, a
+/// corrupt metadata key.
+fn is_final(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<EtcdError>().is_some_and(|e| e.denied) || c.is::<ConfigError>() || c.is::<CorruptMeta>()
+    })
 }
 
 /// An etcd error, with a hint for the usual causes.
@@ -404,6 +564,9 @@ fn parse_number(value: &[u8]) -> Option<u64> {
     std::str::from_utf8(value).ok()?.parse().ok()
 }
 
+/// The node's lease unless `--etcd-lease-ttl` says otherwise.
+pub(crate) const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+
 /// How long one etcd request may take before it counts as failed.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -421,6 +584,44 @@ mod tests {
         assert_eq!(Meta::decode(&meta.encode()).unwrap(), meta);
         assert!(Meta::decode("tradeid-cluster 2\n").unwrap_err().contains("version 2"));
         assert!(Meta::decode(&meta.encode().replace("key ", "key 0")).is_err());
+    }
+
+    /// A corrupt `meta` key is refused with the key and the endpoint named,
+    /// never half-used: a geometry the state format cannot hold would
+    /// overflow a shift in `shard_count`.
+    #[test]
+    fn corrupt_metadata_is_refused_by_name() {
+        let good =
+            Meta { cluster_id: 0xabc, width: 35, shard_bits: 22, key: Key([1, 2, 3, u64::MAX]), created_unix: 9 }
+                .encode();
+        let runtime = Arc::new(tokio::runtime::Builder::new_current_thread().build().unwrap());
+        let client = runtime.block_on(Client::connect(["http://127.0.0.1:1"], None)).unwrap();
+        let etcd = Etcd {
+            runtime,
+            client,
+            prefix: "/tradeid/c/".into(),
+            endpoints: "http://127.0.0.1:1".into(),
+            lease_ttl: DEFAULT_LEASE_TTL,
+        };
+        for (from, to, why) in [
+            ("width 35", "width 99", "width 99"),
+            ("width 35", "width 4294967331", "width is not a small number"),
+            ("shard-bits 22", "shard-bits 40", "shard-bits 40"),
+            ("width 35", "width 40", "width 40"),
+            ("shard-bits 22", "shard-bits 2", "2^33 shards"),
+            ("cluster-id 0000000000000abc", "cluster-id 0000000000000000", "cluster-id is 0"),
+            // 64 bytes, with a two-byte character across the first word's end.
+            ("key 0000000000000001000", "key 000000000000000\u{e9}00", "64 hex digits"),
+            ("key 0000", "key +000", "64 hex digits"),
+        ] {
+            assert!(good.contains(from), "{from}");
+            let text = good.replacen(from, to, 1);
+            let err = etcd.decode_meta(Some(text.as_bytes())).unwrap_err().to_string();
+            assert!(err.contains(why), "{to}: {err}");
+            assert!(err.contains("etcd at http://127.0.0.1:1") && err.contains("/tradeid/c/meta"), "{err}");
+        }
+        assert!(etcd.decode_meta(Some(good.as_bytes())).unwrap().is_some());
+        assert!(etcd.decode_meta(None).unwrap().is_none());
     }
 
     #[test]

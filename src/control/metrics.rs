@@ -182,6 +182,11 @@ impl Observer {
         }
         let Some(cluster) = &self.cluster else { return Readiness::Ready("serving".into()) };
         let held = self.held();
+        // Stopped for good (etcd's metadata vanished or changed): out of
+        // rotation, whatever it still holds, until an operator acts.
+        if let Some(reason) = cluster.stopped.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            return Readiness::NotReady(format!("{reason}; {held} IDs held"));
+        }
         match self.generator.ledger_down_for() {
             None if cluster.up.load(Ordering::Relaxed) => {
                 Readiness::Ready(format!("serving; etcd ok; {held} IDs held"))
@@ -216,7 +221,7 @@ impl Observer {
             "{state}; {} IDs sent, burn {:.0} IDs/s, {} remaining ({:.3}% used)",
             self.served(),
             self.burn_rate(),
-            capacity - used,
+            capacity.saturating_sub(used),
             100.0 * used as f64 / capacity as f64
         )
     }
@@ -366,7 +371,7 @@ impl Observer {
         );
 
         let (used, capacity) = self.usage();
-        let remaining = capacity - used;
+        let remaining = capacity.saturating_sub(used);
         let rate = self.burn_rate();
         p.single(
             "tradeid_ids_capacity",
@@ -457,6 +462,24 @@ impl Observer {
             "counter",
             "Block reservations that failed at etcd (claim, refresh or compare-and-swap), each retried after a backoff.",
             self.generator.stats().ledger_failures.load(Ordering::Relaxed) as f64,
+        );
+        p.single(
+            "tradeid_etcd_rollbacks_total",
+            "counter",
+            "Times etcd showed a shard mark below one this node knew it held (etcd rolled back or its keys deleted).",
+            load(&c.rollbacks),
+        );
+        p.single(
+            "tradeid_etcd_marks_raised_total",
+            "counter",
+            "Shard marks this node raised back in etcd to what it knew (healing a rolled-back etcd).",
+            load(&c.marks_raised),
+        );
+        p.single(
+            "tradeid_etcd_reservations_stopped",
+            "gauge",
+            "1 if this node stopped reserving for good: the cluster's metadata in etcd vanished or changed.",
+            f64::from(c.stopped.lock().unwrap_or_else(|p| p.into_inner()).is_some()),
         );
         p.single(
             "tradeid_etcd_last_success_timestamp_seconds",
