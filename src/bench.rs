@@ -53,12 +53,13 @@ fn join(
     let mut joined = Vec::new();
     for i in 0..nodes {
         let etcd = Etcd::connect(&options)?;
-        let (meta, _) = etcd.create_or_join(35, 22)?;
+        let (meta, _) = etcd.create_or_join(35, 22, false)?;
         let path = dir.join(format!("{name}-{i}"));
         let header = Header::for_cluster(
             meta.width,
             meta.shard_bits,
             meta.key,
+            meta.check_char,
             ClusterBinding::new(meta.cluster_id, name).map_err(anyhow::Error::msg)?,
         )?;
         state::create(std::slice::from_ref(&path), &header)?;

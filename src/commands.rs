@@ -436,15 +436,23 @@ fn init_cluster_node(args: &InitArgs, options: &cluster::Options) -> anyhow::Res
             return Err(StateError::Exists { path: path.clone() }.into());
         }
     }
-    let width = args.width.unwrap_or(Geometry::DEFAULT.width);
+    let width = args.width.unwrap_or(default_width(args.check_char));
     let shard_bits = args.shard_bits.unwrap_or(Geometry::DEFAULT.shard_bits);
     let etcd = Etcd::connect(options)?;
     if etcd.meta()?.is_none() {
+        check_char_width(args.check_char, width)?;
         Geometry { width, shard_bits, node: 0, nodes: 1 }
             .validate()
             .map_err(|e| ConfigError(format!("invalid --width/--shard-bits: {e}")))?;
     }
-    let (meta, created) = etcd.create_or_join(width, shard_bits)?;
+    let (meta, created) = etcd.create_or_join(width, shard_bits, args.check_char)?;
+    if !created && args.check_char && !meta.check_char {
+        bail!(ConfigError(format!(
+            "--check-char, but cluster {:?} already exists without check characters; every node of a cluster \
+             makes IDs of one format. Leave --check-char out to join it, or create a new cluster under another name",
+            options.name
+        )));
+    }
     if !created
         && (args.width.is_some_and(|w| w != meta.width) || args.shard_bits.is_some_and(|b| b != meta.shard_bits))
     {
@@ -454,14 +462,14 @@ fn init_cluster_node(args: &InitArgs, options: &cluster::Options) -> anyhow::Res
         )));
     }
     let binding = ClusterBinding::new(meta.cluster_id, &options.name).map_err(ConfigError)?;
-    let header = Header::for_cluster(meta.width, meta.shard_bits, meta.key, binding)
+    let header = Header::for_cluster(meta.width, meta.shard_bits, meta.key, meta.check_char, binding)
         .context("cannot read the OS random source")?;
     state::create(&args.state, &header)?;
     for path in &args.state {
         say!("created {}", path.display());
     }
     say!(
-        "{} cluster {:?} (id {:016x}, space {}) in etcd at {}: 2^{} IDs in {} shards of {}",
+        "{} cluster {:?} (id {:016x}, space {}) in etcd at {}: 2^{} IDs in {} shards of {}{}",
         if created { "created" } else { "joined" },
         options.name,
         meta.cluster_id,
@@ -469,7 +477,8 @@ fn init_cluster_node(args: &InitArgs, options: &cluster::Options) -> anyhow::Res
         etcd.endpoints(),
         meta.width,
         meta.shard_count(),
-        meta.shard_size()
+        meta.shard_size(),
+        if meta.check_char { ", each ending in a check character" } else { "" }
     );
     Ok(())
 }
@@ -499,6 +508,10 @@ fn inspect_cluster(options: &cluster::Options) -> anyhow::Result<()> {
     say!("cluster        {} (id {:016x}) in etcd at {}", options.name, meta.cluster_id, etcd.endpoints());
     say!("created        unix time {}", meta.created_unix);
     say!("geometry       2^{} IDs, {} shards of {}", meta.width, meta.shard_count(), meta.shard_size());
+    say!(
+        "ids            {}",
+        if meta.check_char { "6 characters and a check character" } else { "7 characters, no check character" }
+    );
     say!("used           {used} of {capacity} ({:.4}%)", pct(used));
     say!("remaining      {} ({:.4}%)", capacity - used, pct(capacity - used));
     say!("shards         {partly} partly used, {full} full");

@@ -192,3 +192,93 @@ fn mixing_formats_is_refused() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("check    none"), "{}", stdout(&out));
 }
+
+/// `init --etcd --cluster --check-char`: the cluster records the format,
+/// a node joining without the flag takes it from etcd, both serve only
+/// IDs that check, and a mismatch between a state file and its cluster's
+/// metadata is refused, either way round, naming both.
+#[test]
+fn a_check_character_cluster_and_mismatched_formats_against_a_real_etcd() {
+    use crate::etcd::Etcd;
+    let etcd = Etcd::single();
+    let e = etcd.endpoints();
+    let dir = tempfile::tempdir().unwrap();
+    let init = |name: &str, cluster: &str, extra: &[&str]| {
+        let mut args = vec!["--etcd", e.as_str(), "--cluster", cluster];
+        args.extend_from_slice(extra);
+        init_state(dir.path(), name, &args)
+    };
+    let first = init("a", "checked", &["--check-char"]);
+    let joined = init("b", "checked", &[]);
+    let inspect = stdout(&run(&["inspect", "--etcd", &e, "--cluster", "checked"]));
+    assert!(inspect.contains("6 characters and a check character"), "{inspect}");
+    let mut seen = HashSet::new();
+    for state in [&first, &joined] {
+        let node = Daemon::start(state, &["--etcd", &e, "--cluster", "checked", "--workers", "1"]);
+        for _ in 0..20 {
+            let ids = fetch(node.addr, 175);
+            assert_all_check(&ids);
+            insert_unique(&mut seen, ids);
+        }
+    }
+    // Joining a plain cluster with --check-char is refused.
+    // (30 bits, so that the same space with a check character is valid.)
+    let _plain = init("p", "plain", &["--width", "30"]);
+    let out = run(&[
+        "init",
+        "--state",
+        dir.path().join("q").to_str().unwrap(),
+        "--etcd",
+        &e,
+        "--cluster",
+        "plain",
+        "--check-char",
+    ]);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(stderr(&out).contains("already exists without check characters"), "{}", stderr(&out));
+
+    // Rewrite a cluster's metadata with the other format (all else equal):
+    // its node's file no longer matches, and serving it is refused.
+    let meta_key = |cluster: &str| format!("/tradeid/{cluster}/meta");
+    let get = |cluster: &str| {
+        let out = etcd.etcdctl(&["get", "--print-value-only", &meta_key(cluster)]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out).trim_end().to_string() + "\n"
+    };
+    let put = |cluster: &str, value: &str| {
+        let out = etcd.etcdctl(&["put", &meta_key(cluster), value]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    let checked_meta = get("checked");
+    assert!(
+        checked_meta.starts_with("tradeid-cluster 2\n") && checked_meta.contains("check-char yes"),
+        "{checked_meta}"
+    );
+    put("checked", &checked_meta.replacen("tradeid-cluster 2", "tradeid-cluster 1", 1).replace("check-char yes\n", ""));
+    // Refused at start (a server that started anyway fails the test, it
+    // does not hang it): the failure text, with its exit code.
+    let serve = |state: &std::path::Path, cluster: &str| -> String {
+        if Daemon::start_with(state, &["--etcd", &e, "--cluster", cluster], &[]).is_ok() {
+            panic!("{} was served by cluster {cluster:?} of the other format", state.display());
+        }
+        let path = state.to_str().unwrap();
+        let out = run(&["serve", "--state", path, "--listen", "127.0.0.1:0", "--etcd", &e, "--cluster", cluster]);
+        assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
+        stderr(&out)
+    };
+    let err = serve(&first, "checked");
+    assert!(
+        err.contains("makes IDs with a check character but cluster \"checked\" in etcd makes IDs without"),
+        "{err}"
+    );
+
+    let plain_state = dir.path().join("p");
+    let plain_meta = get("plain");
+    put(
+        "plain",
+        &plain_meta.replacen("tradeid-cluster 1", "tradeid-cluster 2", 1).replace("\nkey ", "\ncheck-char yes\nkey "),
+    );
+    let err = serve(&plain_state, "plain");
+    assert!(err.contains("makes IDs without a check character but cluster \"plain\" in etcd makes IDs with"), "{err}");
+    assert_eq!(err.matches("tradeid: error").count(), 1, "printed once: {err}");
+}

@@ -78,6 +78,8 @@ pub(crate) struct Meta {
     pub(crate) shard_bits: u32,
     pub(crate) key: Key,
     pub(crate) created_unix: u64,
+    /// IDs end in a check character (`init --etcd ... --check-char`).
+    pub(crate) check_char: bool,
 }
 
 impl Meta {
@@ -91,6 +93,7 @@ impl Meta {
             shard_bits: header.geometry.shard_bits,
             key: header.key,
             created_unix: header.created_unix,
+            check_char: header.check_char,
         })
     }
 
@@ -100,10 +103,16 @@ impl Meta {
         Meta { created_unix: 0, ..*self } == Meta { created_unix: 0, ..*other }
     }
 
+    /// The stored text. A cluster with check characters is written as
+    /// version 2 with a `check-char yes` line, so that an older tradeid,
+    /// which reads only version 1, refuses it instead of making plain IDs
+    /// in it.
     fn encode(&self) -> String {
         let key: String = self.key.0.iter().map(|w| format!("{w:016x}")).collect();
+        let (version, check) =
+            if self.check_char { (META_VERSION_CHECK_CHAR, "check-char yes\n") } else { (META_VERSION, "") };
         format!(
-            "tradeid-cluster {META_VERSION}\ncluster-id {:016x}\nwidth {}\nshard-bits {}\nkey {key}\ncreated {}\n",
+            "tradeid-cluster {version}\ncluster-id {:016x}\nwidth {}\nshard-bits {}\n{check}key {key}\ncreated {}\n",
             self.cluster_id, self.width, self.shard_bits, self.created_unix
         )
     }
@@ -114,9 +123,14 @@ impl Meta {
     fn decode(text: &str) -> Result<Meta, String> {
         let fields: BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once(' ')).collect();
         let get = |name: &str| fields.get(name).copied().ok_or_else(|| format!("no {name:?} field"));
-        if get("tradeid-cluster")? != META_VERSION.to_string() {
-            return Err(format!("metadata version {} is not supported", get("tradeid-cluster")?));
-        }
+        let check_char = match (get("tradeid-cluster")?.parse::<u32>(), fields.get("check-char")) {
+            (Ok(META_VERSION), None) => false,
+            (Ok(META_VERSION_CHECK_CHAR), Some(&"yes")) => true,
+            (Ok(META_VERSION | META_VERSION_CHECK_CHAR), _) => {
+                return Err("the check-char field does not match the metadata version".into())
+            }
+            _ => return Err(format!("metadata version {} is not supported", get("tradeid-cluster")?)),
+        };
         let hex = get("key")?;
         if hex.len() != ROUNDS * 16 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(format!("the key is not {} hex digits", ROUNDS * 16));
@@ -135,7 +149,10 @@ impl Meta {
         Geometry { width, shard_bits, node: 0, nodes: 1 }
             .validate()
             .map_err(|e| format!("width {width} and shard-bits {shard_bits} are not a valid space: {e}"))?;
-        Ok(Meta { cluster_id, width, shard_bits, key: Key(key), created_unix: number("created")? })
+        if check_char && width > tradeid::check::DATA_BITS {
+            return Err(format!("a cluster with check characters has at most 30 bits, not {width}"));
+        }
+        Ok(Meta { cluster_id, width, shard_bits, key: Key(key), created_unix: number("created")?, check_char })
     }
 
     pub(crate) fn shard_count(&self) -> u32 {
@@ -158,6 +175,8 @@ pub(crate) struct CorruptMeta {
 }
 
 const META_VERSION: u32 = 1;
+/// The version of a cluster whose IDs end in a check character.
+const META_VERSION_CHECK_CHAR: u32 = 2;
 
 /// A connection to the cluster's etcd, with its own small runtime: the
 /// reserver thread calls it synchronously, and the membership task (lease
@@ -387,11 +406,12 @@ impl Etcd {
     /// returns its metadata and whether this call created it. Two
     /// concurrent first calls end with one cluster: the txn writes `meta`
     /// only if it has never existed, else returns the winner's.
-    pub(crate) fn create_or_join(&self, width: u32, shard_bits: u32) -> anyhow::Result<(Meta, bool)> {
+    pub(crate) fn create_or_join(&self, width: u32, shard_bits: u32, check_char: bool) -> anyhow::Result<(Meta, bool)> {
         let random = || Key::random().context("cannot read the OS random source");
         let created_unix =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let mine = Meta { cluster_id: random()?.0[0].max(1), width, shard_bits, key: random()?, created_unix };
+        let mine =
+            Meta { cluster_id: random()?.0[0].max(1), width, shard_bits, key: random()?, created_unix, check_char };
         let key = self.key("meta");
         let value = mine.encode();
         let response = self.run("creating the cluster metadata", |mut c| async move {
@@ -579,11 +599,41 @@ mod tests {
 
     #[test]
     fn meta_round_trips() {
-        let meta =
-            Meta { cluster_id: 0xabc, width: 35, shard_bits: 22, key: Key([1, 2, 3, u64::MAX]), created_unix: 9 };
+        let meta = Meta {
+            cluster_id: 0xabc,
+            width: 35,
+            shard_bits: 22,
+            key: Key([1, 2, 3, u64::MAX]),
+            created_unix: 9,
+            check_char: false,
+        };
         assert_eq!(Meta::decode(&meta.encode()).unwrap(), meta);
-        assert!(Meta::decode("tradeid-cluster 2\n").unwrap_err().contains("version 2"));
+        assert!(Meta::decode("tradeid-cluster 3\n").unwrap_err().contains("version 3"));
         assert!(Meta::decode(&meta.encode().replace("key ", "key 0")).is_err());
+    }
+
+    /// A cluster with check characters is version 2 (an older tradeid
+    /// refuses it), records the flag, and is another space than the same
+    /// key without it.
+    #[test]
+    fn a_check_character_cluster_is_version_2_and_its_own_space() {
+        let plain = Meta {
+            cluster_id: 0xabc,
+            width: 30,
+            shard_bits: 22,
+            key: Key([1, 2, 3, 4]),
+            created_unix: 9,
+            check_char: false,
+        };
+        let checked = Meta { check_char: true, ..plain };
+        let text = checked.encode();
+        assert!(text.starts_with("tradeid-cluster 2\n") && text.contains("\ncheck-char yes\n"), "{text}");
+        assert_eq!(Meta::decode(&text).unwrap(), checked);
+        assert!(!plain.same_space(&checked));
+        assert!(Meta::decode(&text.replace("check-char yes\n", "")).unwrap_err().contains("does not match"));
+        assert!(Meta::decode(&plain.encode().replace("shard-bits 22\n", "shard-bits 22\ncheck-char yes\n")).is_err());
+        let wide = Meta { width: 35, ..checked }.encode();
+        assert!(Meta::decode(&wide).unwrap_err().contains("at most 30 bits"));
     }
 
     /// A corrupt `meta` key is refused with the key and the endpoint named,
@@ -591,9 +641,15 @@ mod tests {
     /// overflow a shift in `shard_count`.
     #[test]
     fn corrupt_metadata_is_refused_by_name() {
-        let good =
-            Meta { cluster_id: 0xabc, width: 35, shard_bits: 22, key: Key([1, 2, 3, u64::MAX]), created_unix: 9 }
-                .encode();
+        let good = Meta {
+            cluster_id: 0xabc,
+            width: 35,
+            shard_bits: 22,
+            key: Key([1, 2, 3, u64::MAX]),
+            created_unix: 9,
+            check_char: false,
+        }
+        .encode();
         let runtime = Arc::new(tokio::runtime::Builder::new_current_thread().build().unwrap());
         let client = runtime.block_on(Client::connect(["http://127.0.0.1:1"], None)).unwrap();
         let etcd = Etcd {

@@ -162,6 +162,19 @@ impl Server {
             Some(options) => {
                 let (etcd, meta) = cluster::open_for_serving(options, store.header().cluster.as_ref(), store.path())?;
                 let h = store.header();
+                if h.check_char != meta.check_char {
+                    let says = |check: bool| if check { "with a check character" } else { "without a check character" };
+                    anyhow::bail!(ConfigError(format!(
+                        "state file {} makes IDs {} but cluster {:?} in etcd makes IDs {}: one space has one format. \
+                         Serve this file with its own cluster, or make this node's state again with `tradeid init \
+                         --state FILE --etcd URLS --cluster {}`",
+                        store.path().display(),
+                        says(h.check_char),
+                        options.name,
+                        says(meta.check_char),
+                        options.name
+                    )));
+                }
                 if (h.key, h.geometry.width, h.geometry.shard_bits) != (meta.key, meta.width, meta.shard_bits) {
                     anyhow::bail!(ConfigError(format!(
                         "state file {} does not match cluster {:?}'s key and geometry in etcd; it was not made by `tradeid init` for this cluster",

@@ -182,9 +182,15 @@ impl Header {
     /// A fresh header for a node of an etcd cluster whose space is `key`
     /// over `width` bits in shards of 2^`shard_bits`. Every shard is open to
     /// every node: the cluster, not a partition, keeps them apart.
-    pub fn for_cluster(width: u32, shard_bits: u32, key: Key, cluster: ClusterBinding) -> io::Result<Header> {
+    pub fn for_cluster(
+        width: u32,
+        shard_bits: u32,
+        key: Key,
+        check_char: bool,
+        cluster: ClusterBinding,
+    ) -> io::Result<Header> {
         let geometry = Geometry { width, shard_bits, node: 0, nodes: 1 };
-        Ok(Header { cluster: Some(cluster), ..Header::with_key(geometry, false, key)? })
+        Ok(Header { cluster: Some(cluster), check_char, ..Header::with_key(geometry, false, key)? })
     }
 
     /// The identity of the ID space this file is a node of: files whose IDs
@@ -616,7 +622,7 @@ mod tests {
     #[test]
     fn a_cluster_binding_round_trips_and_is_validated() {
         let binding = ClusterBinding::new(0xfeed, "prod-eu.1").unwrap();
-        let h = Header::for_cluster(20, 8, Key([5, 6, 7, 8]), binding).unwrap();
+        let h = Header::for_cluster(20, 8, Key([5, 6, 7, 8]), false, binding).unwrap();
         let page = h.encode();
         assert_eq!(get_u32(&page, 12), FLAG_CLUSTER);
         let back = Header::decode(&page).unwrap();
