@@ -301,12 +301,25 @@ pub struct Collected {
     /// Arrival of every reply, from whom: whether it carried IDs, or the
     /// error text.
     pub timeline: Vec<(Instant, SocketAddr, Result<(), String>)>,
+    /// A thread stopped at its own limit, not at `stop`.
+    ran_out: bool,
 }
+
+/// The longest any load of [`hammer_targets`] runs.
+pub const HAMMER_LIMIT: Duration = Duration::from_secs(180);
+/// The most IDs one load of [`hammer_targets`] collects (about 1 GB).
+pub const HAMMER_MAX_IDS: usize = 20_000_000;
 
 /// Sends a mix of single and bulk requests from `clients` threads, each
 /// with its own socket, round-robin over whatever addresses `targets` holds
 /// at the time, until `stop` is set; returns everything received (late
 /// replies included: they are real IDs too).
+///
+/// Bounded whatever the caller does: each thread also stops after
+/// [`HAMMER_LIMIT`] or [`HAMMER_MAX_IDS`] IDs, and the call then fails. A
+/// test that panics before setting `stop` (inside a `thread::scope` that
+/// waits for this) would otherwise load the machine, and fill its memory,
+/// forever.
 pub fn hammer_targets(
     targets: &Mutex<Vec<SocketAddr>>,
     clients: usize,
@@ -332,7 +345,12 @@ pub fn hammer_targets(
                             got.ids.extend(ids_of(&buf[..n]));
                         }
                     };
+                    let started = Instant::now();
                     while !stop.load(Ordering::Relaxed) {
+                        if started.elapsed() > HAMMER_LIMIT || got.ids.len() > HAMMER_MAX_IDS / clients {
+                            got.ran_out = true;
+                            break;
+                        }
                         let list = targets.lock().unwrap().clone();
                         if list.is_empty() {
                             std::thread::sleep(Duration::from_millis(5));
@@ -359,6 +377,10 @@ pub fn hammer_targets(
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
+    assert!(
+        results.iter().all(|r| !r.ran_out),
+        "the load ran past {HAMMER_LIMIT:?} or {HAMMER_MAX_IDS} IDs without being stopped"
+    );
     let mut all = Collected::default();
     for r in results {
         all.ids.extend(r.ids);

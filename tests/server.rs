@@ -115,43 +115,10 @@ fn unknown_version_and_opcode_get_their_errors() {
 }
 
 /// Hammers `addr` from `clients` threads until `stop`, mixing single and
-/// bulk requests; returns every ID received.
+/// bulk requests; returns every ID received (bounded: see
+/// [`hammer_targets`]).
 fn hammer(addr: std::net::SocketAddr, clients: usize, stop: &std::sync::atomic::AtomicBool) -> Vec<String> {
-    use std::sync::atomic::Ordering;
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..clients)
-            .map(|c| {
-                s.spawn(move || {
-                    let socket = client_socket(addr, Duration::from_millis(50));
-                    let mut ids = Vec::new();
-                    let mut buf = vec![0u8; 2048];
-                    let mut i = c;
-                    while !stop.load(Ordering::Relaxed) {
-                        let count = [1u16, 175, 16, 1, 2][i % 5];
-                        i += 1;
-                        if socket.send(&request(count)).is_err() {
-                            std::thread::sleep(Duration::from_millis(2));
-                            continue;
-                        }
-                        if let Ok(n) = socket.recv(&mut buf) {
-                            if &buf[..4] != b"!ERR" {
-                                ids.extend(ids_of(&buf[..n]));
-                            }
-                        }
-                    }
-                    // Late replies still in the socket are real IDs too.
-                    socket.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
-                    while let Ok(n) = socket.recv(&mut buf) {
-                        if &buf[..4] != b"!ERR" {
-                            ids.extend(ids_of(&buf[..n]));
-                        }
-                    }
-                    ids
-                })
-            })
-            .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
-    })
+    hammer_targets(&std::sync::Mutex::new(vec![addr]), clients, stop).ids
 }
 
 #[test]
