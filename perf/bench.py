@@ -6,7 +6,7 @@ Every comparison runs both servers in the same invocation, alternating
 A/B/A/B, and reports the median of the repetitions and the ratio. Run from
 the repository root after `cargo build --release --workspace`:
 
-    python3 perf/bench.py [--seconds 3] [--reps 3] [--only single,bulk,latency,rss,limits,steering,cluster]
+    python3 perf/bench.py [--seconds 3] [--reps 3] [--only single,bulk,checkchar,latency,rss,limits,steering,cluster]
     python3 perf/bench.py --only protocols      # UDP vs gRPC Next vs HTTP /ids, 1 and 1,000 IDs per call
     python3 perf/bench.py --only python         # the Python client (clients/python/bench.py)
     python3 perf/bench.py --only builds --baseline-rev c139caf    # before/after, side by side
@@ -389,6 +389,22 @@ def bulk(o):
         sys.stdout.flush()
 
 
+def checkchar(o):
+    """Issue 15: IDs with a check character against plain IDs, side by side
+    (1 worker on CPU 1, loadgen on CPU 0, 4 sockets x 16). Goal: within 2%."""
+    print("\n### Check character: plain vs --check-char IDs (1 worker on CPU 1, loadgen on CPU 0, 4 sockets x 16)\n")
+    print("| IDs/request | plain req/s | check req/s | ratio | plain CPU us/reply | check CPU us/reply |")
+    print("|---|---|---|---|---|---|")
+    for batch in (1, 175):
+        lg = ["--sockets", "4", "--window", "16", "--cpus", "0", "--batch", str(batch)]
+        a, b = pair(lambda: tradeid(1, ["--cpus", "1"]), lambda: tradeid(1, ["--cpus", "1"], init_extra=["--check-char"]),
+                    o.seconds, o.reps, lg, lg)
+        ta, tb = med(a, "requests_per_second"), med(b, "requests_per_second")
+        ca, cb = med(a, "server_cpu_us_per_reply"), med(b, "server_cpu_us_per_reply")
+        print(f"| {batch} | {ta:,.0f} | {tb:,.0f} | {tb / ta:.3f} | {ca:.2f} | {cb:.2f} |")
+        sys.stdout.flush()
+
+
 def latency(o):
     print("\n### Latency at fixed rates, open loop (1 worker on CPU 1, loadgen on CPU 0, 4 sockets; latency from intended send time)\n")
     lg = ["--sockets", "4", "--window", "16", "--cpus", "0"]
@@ -454,7 +470,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--seconds", type=float, default=3)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--only", default="single,bulk,latency,rss,limits,steering,cluster,protocols,python")
+    p.add_argument("--only", default="single,bulk,checkchar,latency,rss,limits,steering,cluster,protocols,python")
     p.add_argument("--python-bulk", type=int, default=5_000_000, help="for --only python: IDs per generate_bulk call")
     p.add_argument("--baseline-bin", help="for --only builds: a tradeid binary from another commit")
     p.add_argument("--baseline-rev", help="for --only builds: a git revision to build and compare with (e.g. c139caf)")

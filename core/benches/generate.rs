@@ -10,9 +10,9 @@
 //! Each is run twice, side by side: for a plain 35-bit space, then (`+check`)
 //! for a 30-bit space whose IDs end in a check character.
 //!
-//! `cargo bench -p tradeid --bench generate -- --fixed` instead does a fixed
-//! amount of work (10,000 fills of 175 IDs) with no timing, for instruction
-//! counting:
+//! `cargo bench -p tradeid --bench generate -- --fixed [--check]` instead
+//! does a fixed amount of work (10,000 fills of 175 IDs; `--check`: with
+//! check characters) with no timing, for instruction counting:
 //! `valgrind --tool=callgrind target/release/deps/generate-* --fixed`, then
 //! `callgrind_annotate --inclusive=yes` and read `Handle::fill`. Unlike
 //! seconds on a shared VM, instruction counts repeat exactly.
@@ -29,7 +29,7 @@ const RUN: Duration = Duration::from_secs(2);
 
 fn main() {
     if std::env::args().any(|a| a == "--fixed") {
-        return fixed_work();
+        return fixed_work(std::env::args().any(|a| a == "--check"));
     }
     pin_to_cpu0();
     let key = Key([0x1234, 0x5678, 0x9abc, 0xdef0]);
@@ -74,10 +74,13 @@ fn main() {
 }
 
 /// 10,000 fills of 175 IDs through a real generator, untimed.
-fn fixed_work() {
+/// With `check`, in a space whose IDs end in a check character.
+fn fixed_work(check_char: bool) {
     let dir = tempfile::tempdir().expect("temporary directory");
     let path = dir.path().join("bench.state");
-    create(std::slice::from_ref(&path), &Header::new(Geometry::DEFAULT, false).unwrap()).unwrap();
+    let width = if check_char { check::DATA_BITS } else { MAX_WIDTH };
+    let header = Header { check_char, ..Header::new(Geometry { width, ..Geometry::DEFAULT }, false).unwrap() };
+    create(std::slice::from_ref(&path), &header).unwrap();
     let (store, _) = Store::open(&[path]).unwrap();
     let config = GeneratorConfig { block_min: 1 << 20, block_max: 1 << 22, ..GeneratorConfig::default() };
     let generator = Generator::new(store, config);

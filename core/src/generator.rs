@@ -330,9 +330,9 @@ impl Handle {
         let (base, perm) = (self.block.next, self.scheme.permutation());
         // One loop per scheme, so the check-character test is not made per ID.
         if self.scheme.has_check_char() {
-            encode_run(out, base, n, |c| check::with_check(perm.apply(c)));
+            encode_run(out, base, n, |c| check::encode_word_checked(perm.apply(c)));
         } else {
-            encode_run(out, base, n, |c| perm.apply(c));
+            encode_run(out, base, n, |c| encode_word(perm.apply(c)));
         }
         self.block.next += n as u64;
         n
@@ -648,11 +648,12 @@ const LEDGER_RETRY_MAX: Duration = Duration::from_secs(1);
 /// How often a ledger that stays down is logged.
 const LEDGER_LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// Writes the IDs of counters `base..base + n` into `out`, `value` mapping
-/// a counter to its ID value. Inlined into each caller with its own
-/// `value`, so the scheme's choice is made once per run, not per ID.
+/// Writes the IDs of counters `base..base + n` into `out`, `word` mapping
+/// a counter to its encoded ID (see [`encode_word`]). Inlined into each
+/// caller with its own `word`, so the scheme's choice is made once per
+/// run, not per ID.
 #[inline(always)]
-fn encode_run(out: &mut [u8], base: u64, n: usize, value: impl Fn(u64) -> u64) {
+fn encode_run(out: &mut [u8], base: u64, n: usize, word: impl Fn(u64) -> u64) {
     if n == 0 {
         return;
     }
@@ -661,11 +662,11 @@ fn encode_run(out: &mut [u8], base: u64, n: usize, value: impl Fn(u64) -> u64) {
     // 7-byte store so nothing is written past `n` IDs. (About 30% faster
     // than three small stores per ID.)
     for i in 0..n - 1 {
-        let word = encode_word(value(base + i as u64));
+        let word = word(base + i as u64);
         out[i * ID_LEN..i * ID_LEN + 8].copy_from_slice(&word.to_le_bytes());
     }
     let last = (n - 1) * ID_LEN;
-    let word = encode_word(value(base + n as u64 - 1));
+    let word = word(base + n as u64 - 1);
     out[last..last + ID_LEN].copy_from_slice(&word.to_le_bytes()[..ID_LEN]);
 }
 

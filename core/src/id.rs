@@ -240,7 +240,7 @@ impl Permutation {
     }
 
     /// Maps a counter to an ID value.
-    #[inline]
+    #[inline(always)]
     pub fn apply(&self, counter: u64) -> u64 {
         if self.identity {
             return counter;
@@ -419,7 +419,7 @@ const DECODE: [u8; 256] = {
 };
 
 /// 10-bit value → two characters, first character in the low byte.
-const PAIRS: [u16; 1024] = {
+pub(crate) const PAIRS: [u16; 1024] = {
     let mut table = [0u16; 1024];
     let mut i = 0;
     while i < 1024 {
