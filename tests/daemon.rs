@@ -381,3 +381,83 @@ fn http_get_within(addr: std::net::SocketAddr, path: &str, limit: Duration) -> R
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Ok((status, body))
 }
+
+/// HTTP IDs come from a blocking generator handle. While that handle's
+/// first flush is stuck on the disk, the control runtime goes on: `/metrics`
+/// and `/healthz` answer within a second, the watchdog keeps deciding on
+/// time (it withholds its pings and says a flush is stuck, so systemd
+/// restarts a server whose disk hangs), and once the disk answers the
+/// request gets its ID and the pings resume.
+#[test]
+fn a_stuck_flush_behind_http_never_blocks_metrics_health_or_the_watchdog() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &[]);
+    let stuck = dir.path().join("stuck");
+    let notify = NotifySocket::new();
+    let daemon = Daemon::start_with(
+        &state,
+        &["--workers", "1", "--admin", "127.0.0.1:0"],
+        &[
+            ("NOTIFY_SOCKET", notify.path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "1000000"),
+            ("TRADEID_TEST_STUCK_FLUSH_FILE", stuck.to_str().unwrap()),
+        ],
+    )
+    .unwrap();
+    let admin = daemon.admin.unwrap();
+    std::fs::write(&stuck, "").unwrap();
+    let pending = std::thread::spawn(move || http_get_within(admin, "/id", Duration::from_secs(60)));
+    // Long enough for the flush to count as stuck (half the watchdog).
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!pending.is_finished(), "/id answered although its flush is stuck");
+    notify.collect(Duration::from_millis(10));
+    for round in 0..3 {
+        for path in ["/healthz", "/metrics"] {
+            let (status, body) = http_get_within(admin, path, Duration::from_secs(1))
+                .unwrap_or_else(|e| panic!("{path} while a flush is stuck (round {round}): {e}"));
+            assert_eq!(status, 200, "{path}: {body}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let in_flight = daemon.metric("tradeid_flush_in_progress_seconds");
+    assert!(in_flight >= 1.0, "the stuck flush shows as {in_flight} s in progress");
+    let pings = notify.collect(Duration::from_millis(1200)).iter().filter(|m| *m == "WATCHDOG=1").count();
+    assert_eq!(pings, 0, "pinged the watchdog while a flush was stuck");
+    let log = daemon.stderr();
+    assert!(log.lines().any(|l| l.contains(WITHHELD) && l.contains("flush_stuck=true")), "{log}");
+    // The disk answers: the request gets its ID, and the pings come back.
+    std::fs::remove_file(&stuck).unwrap();
+    let (status, body) = pending.join().unwrap().expect("/id answers once the flush completes");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(ids_of(body.trim_end().as_bytes()).len(), 1, "{body:?}");
+    let pings = notify.collect(Duration::from_millis(1500)).iter().filter(|m| *m == "WATCHDOG=1").count();
+    assert!(pings >= 2, "{pings} pings after the disk recovered");
+}
+
+/// The burn rate counts IDs served, not blocks reserved: right after a
+/// start or restart, an idle server has reserved its first blocks but
+/// burns nothing, so its exhaustion ETA is +Inf (no false alert); serving
+/// moves both.
+#[test]
+fn an_idle_restart_burns_nothing_and_projects_no_exhaustion() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = init_state(dir.path(), "s", &[]);
+    for start in 0..2 {
+        let mut daemon = Daemon::start(&state, &["--workers", "2", "--admin", "127.0.0.1:0"]);
+        // Past the first sample of the rate (one every 5 s).
+        std::thread::sleep(Duration::from_millis(6000));
+        assert!(daemon.metric("tradeid_ids_reserved_total") > 0.0, "start {start}: no block reserved");
+        assert_eq!(daemon.metric("tradeid_burn_rate_ids_per_second"), 0.0, "start {start}: idle, yet burning");
+        let eta = daemon.metric("tradeid_exhaustion_eta_seconds");
+        assert!(eta.is_infinite(), "start {start}: idle, yet exhausting in {eta} s");
+        let mut seen = HashSet::new();
+        for _ in 0..200 {
+            insert_unique(&mut seen, fetch(daemon.addr, 175));
+        }
+        std::thread::sleep(Duration::from_millis(5500));
+        let rate = daemon.metric("tradeid_burn_rate_ids_per_second");
+        assert!(rate > 0.0, "start {start}: served {} IDs, burn rate {rate}", seen.len());
+        assert!(daemon.metric("tradeid_exhaustion_eta_seconds").is_finite());
+        daemon.signal_and_wait("TERM", Duration::from_secs(5)).expect("exits");
+    }
+}

@@ -188,7 +188,7 @@ impl Generator {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name("tradeid-reserver".into())
-                .spawn(move || Reserver::new(shared, config, ledger, hooks.flush_delay).run(inbox))
+                .spawn(move || Reserver::new(shared, config, ledger, hooks).run(inbox))
                 .expect("spawning the reserver thread")
         };
         Generator { shared, requests, reserver: Some(reserver), next_worker: AtomicUsize::new(0) }
@@ -389,8 +389,8 @@ struct Reserver {
     shared: Arc<Shared>,
     config: GeneratorConfig,
     ledger: Box<dyn Ledger>,
-    /// Test hook: sleep this long before every flush.
-    flush_delay: Duration,
+    /// Test hooks: a slow or stuck disk before every flush.
+    hooks: TestHooks,
     /// Per shard: claimed by a live handle.
     claimed: Vec<bool>,
     workers: Vec<WorkerSlot>,
@@ -409,17 +409,9 @@ struct WorkerSlot {
 }
 
 impl Reserver {
-    fn new(shared: Arc<Shared>, config: GeneratorConfig, ledger: Box<dyn Ledger>, flush_delay: Duration) -> Reserver {
+    fn new(shared: Arc<Shared>, config: GeneratorConfig, ledger: Box<dyn Ledger>, hooks: TestHooks) -> Reserver {
         let shard_count = shared.store.header().geometry.shard_count() as usize;
-        Reserver {
-            shared,
-            config,
-            ledger,
-            flush_delay,
-            claimed: vec![false; shard_count],
-            workers: Vec::new(),
-            failed: None,
-        }
+        Reserver { shared, config, ledger, hooks, claimed: vec![false; shard_count], workers: Vec::new(), failed: None }
     }
 
     fn run(mut self, inbox: Receiver<Request>) {
@@ -620,9 +612,7 @@ impl Reserver {
         let stats = &self.shared.stats;
         let started = self.shared.epoch.elapsed().as_nanos().max(1) as u64;
         stats.flush_started_nanos.store(started, Ordering::Release);
-        if !self.flush_delay.is_zero() {
-            std::thread::sleep(self.flush_delay);
-        }
+        self.hooks.before_flush();
         let result = self.shared.store.persist(shard, mark, hint);
         stats.flush_started_nanos.store(0, Ordering::Release);
         let took = result.map_err(|e| GenError::Storage(Arc::new(e)))?;

@@ -15,6 +15,7 @@
 //! | `TRADEID_TEST_FLUSH_DELAY_MS=N` | every block flush sleeps N ms first (a slow disk) |
 //! | `TRADEID_TEST_FAIL_FLUSH_AFTER=N` | after N flushes, every flush fails with EIO (a failing disk) |
 //! | `TRADEID_TEST_STALL_FILE=PATH` | while PATH exists, worker 0 is wedged (a stuck thread) |
+//! | `TRADEID_TEST_STUCK_FLUSH_FILE=PATH` | while PATH exists, every block flush waits before it starts (a stuck disk) |
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -28,9 +29,12 @@ pub struct TestHooks {
     pub fail_flush_after: Option<u64>,
     /// While this file exists, worker 0 stops serving and ignores `stop`.
     pub stall_file: Option<PathBuf>,
+    /// While this file exists, every flush waits before it starts.
+    pub stuck_flush_file: Option<PathBuf>,
 }
 
-static OFF: TestHooks = TestHooks { flush_delay: Duration::ZERO, fail_flush_after: None, stall_file: None };
+static OFF: TestHooks =
+    TestHooks { flush_delay: Duration::ZERO, fail_flush_after: None, stall_file: None, stuck_flush_file: None };
 
 /// The process's hooks: from the environment with `test-hooks`, else off.
 pub fn get() -> &'static TestHooks {
@@ -54,6 +58,20 @@ pub fn stalled(worker: usize) -> bool {
     }
 }
 
+impl TestHooks {
+    /// Waits as a slow or stuck disk would before a flush.
+    pub(crate) fn before_flush(&self) {
+        if !self.flush_delay.is_zero() {
+            std::thread::sleep(self.flush_delay);
+        }
+        if let Some(path) = &self.stuck_flush_file {
+            while path.exists() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
 #[cfg(feature = "test-hooks")]
 fn from_env() -> TestHooks {
     let number = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
@@ -61,6 +79,7 @@ fn from_env() -> TestHooks {
         flush_delay: Duration::from_millis(number("TRADEID_TEST_FLUSH_DELAY_MS").unwrap_or(0)),
         fail_flush_after: number("TRADEID_TEST_FAIL_FLUSH_AFTER"),
         stall_file: std::env::var_os("TRADEID_TEST_STALL_FILE").map(PathBuf::from),
+        stuck_flush_file: std::env::var_os("TRADEID_TEST_STUCK_FLUSH_FILE").map(PathBuf::from),
     };
     if hooks != OFF {
         tracing::warn!(?hooks, "test hooks are active: this build injects faults and must never serve IDs");
