@@ -48,6 +48,8 @@
 //! contributions of the six characters, `2^(7-k)·d_k`. So it costs three
 //! look-ups of 10-bit chunks of the 30-bit data value, precomputed here.
 
+use crate::alphabet::{ALPHABET, PAIRS};
+
 /// Bits of data an ID with a check character carries: 6 characters × 5.
 pub const DATA_BITS: u32 = 30;
 
@@ -86,10 +88,7 @@ pub fn encode_word_checked(data: u64) -> u64 {
     let b = PAIRS_AND_CONTRIB[1][(data >> 10) as usize & 1023];
     let c = PAIRS_AND_CONTRIB[2][data as usize & 1023];
     let check = ((a ^ b ^ c) >> 16) as usize & 31;
-    u64::from(a & 0xffff)
-        | u64::from(b & 0xffff) << 16
-        | u64::from(c & 0xffff) << 32
-        | u64::from(crate::id::ALPHABET[check]) << 48
+    u64::from(a & 0xffff) | u64::from(b & 0xffff) << 16 | u64::from(c & 0xffff) << 32 | u64::from(ALPHABET[check]) << 48
 }
 
 /// Whether a 35-bit ID value ends in the right check character.
@@ -155,7 +154,7 @@ const PAIRS_AND_CONTRIB: [[u32; 1024]; 3] = {
     while j < 3 {
         let mut v = 0;
         while v < 1024 {
-            table[j][v] = crate::id::PAIRS[v] as u32 | (CONTRIB[j][v] as u32) << 16;
+            table[j][v] = PAIRS[v] as u32 | (CONTRIB[j][v] as u32) << 16;
             v += 1;
         }
         j += 1;
@@ -166,7 +165,7 @@ const PAIRS_AND_CONTRIB: [[u32; 1024]; 3] = {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::id::{Id, ALPHABET};
+    use crate::id::Id;
 
     /// Every row and every column of the operation table is a permutation.
     #[test]

@@ -25,6 +25,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+pub use crate::alphabet::ALPHABET;
+use crate::alphabet::PAIRS;
 use crate::check;
 
 /// Length of an ID in characters (and bytes on the wire).
@@ -391,9 +393,6 @@ pub const ROUNDS: usize = 4;
 /// An odd 64-bit constant with well-spread bits (from PCG's multiplier).
 const MIX_MULTIPLIER: u64 = 0x5851_f42d_4c95_7f2d;
 
-/// The Crockford base32 alphabet: digits and letters without I, L, O, U.
-pub const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
-
 const INVALID: u8 = 0xff;
 const SKIP: u8 = 0xfe;
 
@@ -415,17 +414,6 @@ const DECODE: [u8; 256] = {
     table[b'l' as usize] = 1;
     table[b'-' as usize] = SKIP;
     table[b' ' as usize] = SKIP;
-    table
-};
-
-/// 10-bit value → two characters, first character in the low byte.
-pub(crate) const PAIRS: [u16; 1024] = {
-    let mut table = [0u16; 1024];
-    let mut i = 0;
-    while i < 1024 {
-        table[i] = ALPHABET[i >> 5] as u16 | (ALPHABET[i & 31] as u16) << 8;
-        i += 1;
-    }
     table
 };
 

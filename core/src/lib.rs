@@ -21,6 +21,7 @@
 //! - [`client`]: the UDP client: retries, failover, duplicate filter.
 //! - [`hooks`]: fault injection for tests, compiled in only with `test-hooks`.
 
+mod alphabet;
 pub mod check;
 pub mod client;
 pub mod generator;
