@@ -16,7 +16,7 @@ use tradeid::state::{encode_slot, Geometry, Header, Snapshot};
 
 fn pristine() -> (Vec<u8>, [[u64; 2]; 4]) {
     let geometry = Geometry { width: 6, shard_bits: 4, node: 0, nodes: 1 };
-    let header = Header { geometry, sequential: false, key: Key([1, 2, 3, 4]), file_id: 7, created_unix: 0, records_space_id: true, cluster: None };
+    let header = Header { geometry, sequential: false, key: Key([1, 2, 3, 4]), file_id: 7, created_unix: 0, records_space_id: true, cluster: None, check_char: false };
     let mut file = header.encode().to_vec();
     // Per shard: (older mark in slot 1 with seq 4, newer in slot 0 with seq 5).
     let marks = [[3, 7], [0, 16], [2, 5], [0, 0]];
