@@ -5,13 +5,14 @@ tradeid servers under load.
 Starts, all on loopback and in a temporary directory:
 - an etcd (Debian's etcd-server) and two tradeid nodes of one cluster, plus
   one standalone tradeid, each with --admin and --grpc;
-- load on every node: UDP (single and bulk, with loadgen), HTTP /ids and a
-  few gRPC-free probes, so every protocol label has samples;
+- load on every node: UDP (single and bulk), gRPC (loadgen rpc) and HTTP
+  /id and /ids, so every protocol label has samples;
 - Prometheus (Debian's prometheus) scraping the three every second, with
   contrib/prometheus/alerts.yml loaded.
 
 Then, through Prometheus's HTTP API, checks that:
-- the rule file loaded (every group present, every rule healthy);
+- the rule file loaded (every group of alerts.yml present, every rule
+  healthy);
 - every query of contrib/grafana/tradeid.json is accepted and returns data
   (the cluster row's queries too: two of the targets are cluster nodes);
 - `promtool check metrics` accepts each server's /metrics.
@@ -23,12 +24,14 @@ Exits non-zero on the first failure. Standard library only.
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -57,20 +60,24 @@ def fail(message):
 
 
 def serve(work, name, extra):
-    """Starts a tradeid and returns (udp, admin) addresses."""
+    """Starts a tradeid and returns its (udp, admin, grpc) addresses."""
     state = os.path.join(work, name)
     proc = spawn([TRADEID, "serve", "--state", state, "--listen", "127.0.0.1:0", "--workers", "1",
                   "--admin", "127.0.0.1:0", "--grpc", "127.0.0.1:0", *extra], stdout=subprocess.PIPE)
-    udp = admin = None
+    udp = admin = grpc = None
     for line in proc.stdout:
         if line.startswith("admin listening on "):
             admin = line.split()[-1]
+        if line.startswith("grpc listening on "):
+            grpc = line.split()[-1]
         if line.startswith("listening on "):
             udp = line.split()[-1]
             break
-    if not udp or not admin:
+    if not udp or not admin or not grpc:
         fail(f"tradeid {name} did not start")
-    return udp, admin
+    # Whatever else it prints must never fill the pipe and block it.
+    threading.Thread(target=proc.stdout.read, daemon=True).start()
+    return udp, admin, grpc
 
 
 def get(url, timeout=10):
@@ -113,7 +120,7 @@ def main():
         prom = f"127.0.0.1:{free_port()}"
         config = os.path.join(work, "prometheus.yml")
         with open(config, "w") as f:
-            targets = ", ".join(f'"{admin}"' for _, admin in servers)
+            targets = ", ".join(f'"{admin}"' for _, admin, _ in servers)
             f.write(f"""global:
   scrape_interval: 1s
   evaluation_interval: 1s
@@ -129,21 +136,26 @@ scrape_configs:
 
         # Load for long enough that every rate has two samples in its window.
         seconds = 25
-        for udp, admin in servers:
+        for udp, _, grpc in servers:
             spawn([LOADGEN, "--target", udp, "--duration", str(seconds), "--batch", "175", "--sockets", "1",
                    "--window", "4", "--quiet"])
             spawn([LOADGEN, "--target", udp, "--duration", str(seconds), "--rate", "2000", "--quiet"])
+            spawn([LOADGEN, "rpc", "--protocol", "grpc", "--target", grpc, "--count", "100", "--connections", "1",
+                   "--window", "2", "--duration", str(seconds), "--quiet"])
         deadline = time.time() + seconds
         while time.time() < deadline:
-            for _, admin in servers:
+            for _, admin, _ in servers:
                 get(f"http://{admin}/ids?count=10")
                 get(f"http://{admin}/id")
             time.sleep(0.5)
 
         # The rules loaded, and are healthy.
         rules = json.loads(get(f"http://{prom}/api/v1/rules"))["data"]["groups"]
-        if not rules:
-            fail("Prometheus loaded no rule groups from contrib/prometheus/alerts.yml")
+        with open(os.path.join(ROOT, "contrib", "prometheus", "alerts.yml")) as f:
+            expected = re.findall(r"^  - name: (\S+)$", f.read(), re.MULTILINE)
+        loaded = [g["name"] for g in rules]
+        if not expected or sorted(loaded) != sorted(expected):
+            fail(f"Prometheus loaded rule groups {loaded}; contrib/prometheus/alerts.yml has {expected}")
         broken = [(g["name"], r["name"], r.get("lastError")) for g in rules for r in g["rules"] if r.get("health") != "ok"]
         if broken:
             fail(f"unhealthy rules: {broken}")
@@ -165,7 +177,7 @@ scrape_configs:
         print(f"ok: all {len(lines)} dashboard queries accepted, each returned data")
 
         # promtool accepts each server's exposition.
-        for _, admin in servers:
+        for _, admin, _ in servers:
             check = subprocess.run(["promtool", "check", "metrics"], input=get(f"http://{admin}/metrics"),
                                    capture_output=True, text=True)
             if check.returncode != 0:
