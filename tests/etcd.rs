@@ -66,18 +66,28 @@ impl Etcd {
         Etcd::start_with(count, tls, &[])
     }
 
+    /// Starts `count` members on fresh ports. A member that exits before
+    /// the cluster is healthy most likely lost its port to another test
+    /// between [`free_port`] and its bind: that start is thrown away and
+    /// tried again on other ports (three times at most).
     fn start_with(count: usize, tls: Option<Tls>, extra: &[&str]) -> Etcd {
-        let dir = tempfile::tempdir().unwrap();
-        let members = (0..count)
-            .map(|i| Member { name: format!("m{i}"), client: free_port(), peer: free_port(), child: None })
-            .collect();
-        let extra = extra.iter().map(|a| a.to_string()).collect();
-        let mut etcd = Etcd { members, dir, tls, extra, auth: false };
-        for i in 0..count {
-            etcd.start_member(i);
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            let dir = tempfile::tempdir().unwrap();
+            let members = (0..count)
+                .map(|i| Member { name: format!("m{i}"), client: free_port(), peer: free_port(), child: None })
+                .collect();
+            let extra = extra.iter().map(|a| a.to_string()).collect();
+            let mut etcd = Etcd { members, dir, tls: tls.clone(), extra, auth: false };
+            for i in 0..count {
+                etcd.start_member(i);
+            }
+            match etcd.try_wait_healthy(Duration::from_secs(60)) {
+                Ok(()) => return etcd,
+                Err(e) => failures.push(e),
+            }
         }
-        etcd.wait_healthy(Duration::from_secs(30));
-        etcd
+        panic!("etcd did not start: {}", failures.join("; "))
     }
 
     fn scheme(&self) -> &'static str {
@@ -106,7 +116,7 @@ impl Etcd {
             .args(["--logger", "zap", "--log-level", "error"])
             .args(&self.extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(std::fs::File::create(self.log_path(i)).map(Stdio::from).unwrap_or_else(|_| Stdio::null()));
         if let Some(tls) = &self.tls {
             cmd.arg("--cert-file").arg(&tls.cert).arg("--key-file").arg(&tls.key);
             cmd.arg("--trusted-ca-file").arg(&tls.ca).arg("--client-cert-auth");
@@ -115,6 +125,11 @@ impl Etcd {
             panic!("cannot run etcd ({e}); the cluster tests need etcd-server installed (CI installs it)")
         });
         self.members[i].child = Some(child);
+    }
+
+    /// Where member `i` logs (errors only).
+    fn log_path(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("{}.log", self.members[i].name))
     }
 
     /// The client endpoints, comma-separated, for `--etcd`.
@@ -183,9 +198,29 @@ impl Etcd {
     }
 
     /// Waits until a live member answers a write (so a leader exists).
-    pub fn wait_healthy(&self, limit: Duration) {
+    pub fn wait_healthy(&mut self, limit: Duration) {
+        if let Err(e) = self.try_wait_healthy(limit) {
+            panic!("etcd did not become healthy: {e}");
+        }
+    }
+
+    /// [`Etcd::wait_healthy`], or why not: a member exited, or time ran out.
+    fn try_wait_healthy(&mut self, limit: Duration) -> Result<(), String> {
         let deadline = Instant::now() + limit;
         loop {
+            for m in &mut self.members {
+                if let Some(child) = m.child.as_mut() {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        let log = std::fs::read_to_string(self.dir.path().join(format!("{}.log", m.name)))
+                            .unwrap_or_default();
+                        let tail: Vec<&str> = log.lines().rev().take(3).collect();
+                        return Err(format!(
+                            "member {} (client port {}) exited: {status}; its log ends: {tail:?}",
+                            m.name, m.client
+                        ));
+                    }
+                }
+            }
             let ok = self.members.iter().filter(|m| m.child.is_some()).any(|m| {
                 if self.tls.is_some() || self.auth {
                     self.etcdctl(&["endpoint", "health"]).status.success()
@@ -194,9 +229,11 @@ impl Etcd {
                 }
             });
             if ok {
-                return;
+                return Ok(());
             }
-            assert!(Instant::now() < deadline, "etcd did not become healthy");
+            if Instant::now() >= deadline {
+                return Err(format!("no member answered within {limit:?}"));
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     }
