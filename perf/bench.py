@@ -3,7 +3,8 @@
 release binaries first).
 
 Every comparison runs both servers in the same invocation, alternating
-A/B/A/B, and reports the median of the repetitions and the ratio. Run from
+(A B B A ..., or A B C, B C A, ... for three), and reports the median of
+the repetitions and the ratio. Run from
 the repository root after `cargo build --release --workspace`:
 
     python3 perf/bench.py [--seconds 3] [--reps 3] [--only single,bulk,checkchar,latency,rss,limits,steering,cluster]
@@ -99,10 +100,14 @@ def load(server, seconds, args):
 
 
 def pair(make_a, make_b, seconds, reps, args_a, args_b):
-    """Runs A and B alternately; returns (runs_a, runs_b)."""
+    """Runs A and B alternately, in the order A B B A A B ... (so that
+    neither always runs first or second: on this VM the second server of a
+    back-to-back pair measured a few percent slower whichever it was);
+    returns (runs_a, runs_b)."""
     runs_a, runs_b = [], []
-    for _ in range(reps):
-        for make, args, runs in ((make_a, args_a, runs_a), (make_b, args_b, runs_b)):
+    for rep in range(reps):
+        order = ((make_a, args_a, runs_a), (make_b, args_b, runs_b))
+        for make, args, runs in (order if rep % 2 == 0 else order[::-1]):
             server = make()
             try:
                 time.sleep(0.2)
@@ -116,8 +121,11 @@ def rotate(cases, seconds, reps):
     """Runs every (name, make_server, loadgen_args) case in turn, `reps`
     rounds (A/B/C/A/B/C...), and returns {name: [runs]}."""
     runs = {name: [] for name, _, _ in cases}
-    for _ in range(reps):
-        for name, make, args in cases:
+    for rep in range(reps):
+        # Each round starts one case later (A B C, B C A, C A B), so no
+        # case always runs first.
+        k = rep % len(cases)
+        for name, make, args in cases[k:] + cases[:k]:
             server = make()
             try:
                 time.sleep(0.2)
