@@ -204,6 +204,12 @@ class Etcd:
              "--logger", "zap", "--log-level", "error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(2)
 
+    def cpu_seconds(self):
+        """etcd's user + system CPU time so far, from /proc."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self):
         self.proc.kill()
         self.proc.wait()
@@ -229,8 +235,9 @@ def cluster(o):
     etcd = Etcd()
     try:
         print("\n### Cluster mode vs standalone (1 worker on CPU 1, loadgen on CPU 0, 4 sockets x 16; one etcd on loopback)\n")
-        print("| workload | echo req/s | standalone req/s | cluster req/s | cluster / standalone | standalone / echo | cluster / echo |")
-        print("|---|---|---|---|---|---|---|")
+        print("| workload | echo req/s | standalone req/s | cluster req/s | cluster / standalone | standalone / echo | cluster / echo "
+              "| standalone CPU us/reply | cluster CPU us/reply | etcd CPU % of a core |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         lg = ["--sockets", "4", "--window", "16", "--cpus", "0"]
         counter = [0]
 
@@ -240,14 +247,20 @@ def cluster(o):
 
         for batch in (1, 175):
             hexreq = "49440101" + f"{batch:04x}" + "0000"
+            # etcd's CPU over the whole rotation (it runs on these two cores
+            # too, which a production etcd would not).
+            etcd_cpu_before, etcd_wall_before = etcd.cpu_seconds(), time.time()
             runs = rotate([
                 ("echo", lambda: echo(1, 7 * batch, "1"), lg + ["--request-hex", hexreq, "--reply-len", str(7 * batch)]),
                 ("standalone", lambda: tradeid(1, ["--cpus", "1"]), lg + ["--batch", str(batch)]),
                 ("cluster", node, lg + ["--batch", str(batch)]),
             ], o.seconds, o.reps)
             e, a, c = (med(runs[k], "requests_per_second") for k in ("echo", "standalone", "cluster"))
+            ca, cc = (med(runs[k], "server_cpu_us_per_reply") for k in ("standalone", "cluster"))
+            etcd_cpu = 100 * (etcd.cpu_seconds() - etcd_cpu_before) / (time.time() - etcd_wall_before)
             name = "single ID" if batch == 1 else f"bulk {batch}"
-            print(f"| {name} | {e:,.0f} | {a:,.0f} | {c:,.0f} | {c / a:.3f} | {a / e:.3f} | {c / e:.3f} |")
+            print(f"| {name} | {e:,.0f} | {a:,.0f} | {c:,.0f} | {c / a:.3f} | {a / e:.3f} | {c / e:.3f} "
+                  f"| {ca:.2f} | {cc:.2f} | {etcd_cpu:.1f} |")
             sys.stdout.flush()
         # The etcd load full bulk speed needs: transactions per second from
         # the node's metrics over the load, each transaction's latency and
