@@ -119,12 +119,11 @@ def pair(make_a, make_b, seconds, reps, args_a, args_b):
 
 def rotate(cases, seconds, reps):
     """Runs every (name, make_server, loadgen_args) case in turn, `reps`
-    rounds (A/B/C/A/B/C...), and returns {name: [runs]}."""
+    rounds, each starting one case later (A B C, B C A, C A B, ...), and
+    returns {name: [runs]}."""
     runs = {name: [] for name, _, _ in cases}
     for rep in range(reps):
-        # Each round starts one case later (A B C, B C A, C A B), so no
-        # case always runs first.
-        k = rep % len(cases)
+        k = rep % len(cases)  # so that no case always runs first
         for name, make, args in cases[k:] + cases[:k]:
             server = make()
             try:

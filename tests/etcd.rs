@@ -208,17 +208,16 @@ impl Etcd {
     fn try_wait_healthy(&mut self, limit: Duration) -> Result<(), String> {
         let deadline = Instant::now() + limit;
         loop {
-            for m in &mut self.members {
-                if let Some(child) = m.child.as_mut() {
-                    if let Ok(Some(status)) = child.try_wait() {
-                        let log = std::fs::read_to_string(self.dir.path().join(format!("{}.log", m.name)))
-                            .unwrap_or_default();
-                        let tail: Vec<&str> = log.lines().rev().take(3).collect();
-                        return Err(format!(
-                            "member {} (client port {}) exited: {status}; its log ends: {tail:?}",
-                            m.name, m.client
-                        ));
-                    }
+            for i in 0..self.members.len() {
+                let exited = self.members[i].child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+                if let Some(status) = exited {
+                    let log = std::fs::read_to_string(self.log_path(i)).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(3).collect();
+                    let m = &self.members[i];
+                    return Err(format!(
+                        "member {} (client port {}) exited: {status}; its log ends: {tail:?}",
+                        m.name, m.client
+                    ));
                 }
             }
             let ok = self.members.iter().filter(|m| m.child.is_some()).any(|m| {
