@@ -121,7 +121,7 @@ pub fn raw_reservations(
                     };
                     match ledger.advance(current, store.mark(current), block) {
                         Ok(Advance::Block { end, .. }) => {
-                            let _ = store.persist(current, end, block as u32);
+                            let _ = store.persist(current, end, block as u32, 0);
                         }
                         Ok(Advance::Full | Advance::Lost) => {
                             ledger.release(current);

@@ -202,6 +202,7 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     let g = h.geometry;
     let capacity = g.node_capacity();
     let used = snap.used();
+    let served = snap.served();
     let in_use: Vec<u32> = g.node_shards().filter(|&s| (1..g.shard_size()).contains(&snap.marks[s as usize])).collect();
     let full = g.node_shards().filter(|&s| snap.marks[s as usize] == g.shard_size()).count();
     let pct = |n: u64| 100.0 * n as f64 / capacity as f64;
@@ -222,14 +223,22 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     if let Err(e) = h.check_servable(path) {
         say!("WARNING        {e}");
     }
-    say!("used           {used} of {capacity} ({:.4}%)", pct(used));
+    // Reserved is what no start will ever hand out again; served is what
+    // was handed out. The difference is held by a running server or was
+    // skipped by restarts.
+    say!("reserved       {used} of {capacity} ({:.4}%)", pct(used));
+    say!(
+        "served         at least {served} ({:.4}%); the other {} reserved are held by a running server or were skipped at restarts",
+        pct(served),
+        used - served
+    );
     say!("remaining      {} ({:.4}%)", capacity - used, pct(capacity - used));
     say!("shards         {} partly used, {full} full", in_use.len());
     if !in_use.is_empty() {
         let shown: Vec<String> = in_use
             .iter()
             .take(16)
-            .map(|&s| format!("{s} ({} of {} used)", snap.marks[s as usize], g.shard_size()))
+            .map(|&s| format!("{s} ({} of {} reserved)", snap.marks[s as usize], g.shard_size()))
             .collect();
         let more = if in_use.len() > 16 { format!(", and {} more", in_use.len() - 16) } else { String::new() };
         say!("in use         {}{more}", shown.join(", "));
@@ -512,7 +521,8 @@ fn inspect_cluster(options: &cluster::Options) -> anyhow::Result<()> {
         "ids            {}",
         if meta.check_char { "6 characters and a check character" } else { "7 characters, no check character" }
     );
-    say!("used           {used} of {capacity} ({:.4}%)", pct(used));
+    say!("reserved       {used} of {capacity} ({:.4}%)", pct(used));
+    say!("served         counted by each node: `tradeid inspect --state FILE` there, or tradeid_ids_served_total");
     say!("remaining      {} ({:.4}%)", capacity - used, pct(capacity - used));
     say!("shards         {partly} partly used, {full} full");
     say!("live nodes     {}", nodes.len());

@@ -184,6 +184,10 @@ fn gen_prints_unique_ids_and_decode_maps_them_back() {
     assert!(text.contains("partition      node 0 of 1"), "{text}");
     assert!(text.contains("waste/restart  at most"), "{text}");
     assert!(text.contains("in use         0 ("), "{text}");
+    // Three runs of `gen` handed out 15,000 IDs and reserved more.
+    assert!(text.contains("served         at least 15000 ("), "{text}");
+    let reserved = text.lines().find_map(|l| l.strip_prefix("reserved       ")).unwrap();
+    assert!(reserved.split(' ').next().unwrap().parse::<u64>().unwrap() > 15_000, "{text}");
 }
 
 #[test]

@@ -17,9 +17,19 @@
 //! Waste per restart is bounded: a handle holds at most its current block
 //! (partly used) and one prefetched block, so at most `2 × block_max` IDs per
 //! handle are skipped when the process dies.
+//!
+//! Reserved is not served. Beside each mark the reserver records how many
+//! of the shard's IDs were handed out (see [`Store::served`]): a block
+//! counts once its handle has moved on to the next one, and the partly used
+//! block when the handle is dropped. The count goes to disk with the
+//! shard's next mark, or on its own when the shard is left or the handle
+//! dropped, so it trails by the blocks a running (or killed) process holds
+//! and is exact after a clean stop. It is only ever a report: nothing
+//! decides from it which IDs may be handed out.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -120,7 +130,25 @@ struct Shared {
     /// Set when the generator is dropped: a reserver waiting for its ledger
     /// gives up instead of retrying forever.
     closing: AtomicBool,
+    /// Set (and signalled) when the reserver thread has ended.
+    reserver_exited: (Mutex<bool>, Condvar),
 }
+
+impl Shared {
+    /// Waits up to `limit` for the reserver to end; whether it did.
+    fn wait_for_reserver(&self, limit: Duration) -> bool {
+        let (exited, signal) = &self.reserver_exited;
+        let guard = exited.lock().unwrap_or_else(|p| p.into_inner());
+        let (guard, _) = signal.wait_timeout_while(guard, limit, |exited| !*exited).unwrap_or_else(|p| p.into_inner());
+        *guard
+    }
+}
+
+/// How long dropping the generator (or its last handle after it) waits
+/// for the reserver to record what was served and let the state file go. A
+/// stuck disk or ledger must not keep a stopping process alive: past this,
+/// the reserver is left behind, which is as safe as a crash.
+const STOP_WAIT: Duration = Duration::from_secs(2);
 
 enum Request {
     /// A new handle numbered `worker`: reserve its first block and send it
@@ -128,8 +156,9 @@ enum Request {
     Register { worker: usize, reply: Sender<Result<Block, GenError>> },
     /// Handle `worker` switched blocks: prefetch its next one.
     Next { worker: usize },
-    /// Handle `worker` is gone: release its shard.
-    Release { worker: usize },
+    /// Handle `worker` is gone, having used its current block up to the
+    /// counter `position`: record what it served and release its shard.
+    Release { worker: usize, position: u64 },
     /// Fail every request from now on with this error.
     Refuse(GenError),
 }
@@ -182,6 +211,7 @@ impl Generator {
             epoch: Instant::now(),
             live_handles: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
+            reserver_exited: (Mutex::new(false), Condvar::new()),
         });
         let (requests, inbox) = channel::unbounded();
         let reserver = {
@@ -244,28 +274,33 @@ impl Generator {
 }
 
 impl Drop for Generator {
-    /// Stops the reserver. Nothing is written: marks on disk already cover
-    /// every block handed out, so a drop is exactly as safe as a crash.
+    /// Stops the reserver. Marks on disk already cover every block handed
+    /// out, so a drop is exactly as safe as a crash; what the reserver still
+    /// writes is the served counts of the handles dropped last.
     ///
     /// If handles are still alive the reserver keeps serving them and exits
-    /// (releasing the state file's lock) when the last one is dropped.
+    /// (releasing the state file's lock) when the last one is dropped, which
+    /// then waits for it as this does.
     ///
-    /// A flush in progress is not waited for either: its block was never
-    /// handed out, so leaving it unfinished is as safe as a crash, and a
-    /// stuck disk must not keep a stopping process alive.
+    /// The wait lasts at most [`STOP_WAIT`]: a flush in progress whose
+    /// block was never handed out may be left unfinished (as safe as a
+    /// crash), and a stuck disk must not keep a stopping process alive.
     fn drop(&mut self) {
-        self.shared.closing.store(true, Ordering::Release);
-        let (closed, _) = channel::unbounded();
-        drop(std::mem::replace(&mut self.requests, closed));
-        let idle = self.shared.live_handles.load(Ordering::Acquire) == 0
-            && self.flush_in_progress_for().is_none()
-            && self.ledger_down_for().is_none();
-        if idle {
+        // SeqCst pairs with the last handle's drop: one of the two sees
+        // both "closing" and "no handles", and waits.
+        self.shared.closing.store(true, Ordering::SeqCst);
+        drop(std::mem::replace(&mut self.requests, closed_sender()));
+        if self.shared.live_handles.load(Ordering::SeqCst) == 0 && self.shared.wait_for_reserver(STOP_WAIT) {
             if let Some(reserver) = self.reserver.take() {
                 let _ = reserver.join();
             }
         }
     }
+}
+
+/// A sender whose channel nobody reads, to stand in for a dropped one.
+fn closed_sender() -> Sender<Request> {
+    channel::unbounded().0
 }
 
 /// One thread's source of IDs. Not shared: each worker owns its own.
@@ -373,8 +408,13 @@ impl Handle {
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        let _ = self.requests.send(Request::Release { worker: self.worker });
-        self.shared.live_handles.fetch_sub(1, Ordering::AcqRel);
+        let _ = self.requests.send(Request::Release { worker: self.worker, position: self.block.next });
+        drop(std::mem::replace(&mut self.requests, closed_sender()));
+        // The last handle of a generator already dropped waits, as the
+        // generator's drop would have, for its served count to be written.
+        if self.shared.live_handles.fetch_sub(1, Ordering::SeqCst) == 1 && self.shared.closing.load(Ordering::SeqCst) {
+            self.shared.wait_for_reserver(STOP_WAIT);
+        }
     }
 }
 
@@ -393,8 +433,23 @@ struct Reserver {
     hooks: TestHooks,
     /// Per shard: claimed by a live handle.
     claimed: Vec<bool>,
+    /// Per shard: how many of its IDs are known to have been handed out
+    /// (what the store has, plus blocks retired since it was written).
+    served: Vec<u64>,
+    /// Shards whose `served` may be ahead of the store's.
+    unwritten_served: Vec<u32>,
     workers: Vec<WorkerSlot>,
     failed: Option<GenError>,
+}
+
+impl Drop for Reserver {
+    /// Says the reserver has ended (returned or panicked), for the drops
+    /// that wait for it.
+    fn drop(&mut self) {
+        let (exited, signal) = &self.shared.reserver_exited;
+        *exited.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        signal.notify_all();
+    }
 }
 
 #[derive(Default)]
@@ -406,12 +461,26 @@ struct WorkerSlot {
     last_request: Option<Instant>,
     /// Blocks reserved for this handle so far.
     blocks: u64,
+    /// Blocks sent to the handle and not yet known to be used up, oldest
+    /// (the one it draws from) first: at most its current and its next.
+    delivered: VecDeque<Block>,
 }
 
 impl Reserver {
     fn new(shared: Arc<Shared>, config: GeneratorConfig, ledger: Box<dyn Ledger>, hooks: TestHooks) -> Reserver {
-        let shard_count = shared.store.header().geometry.shard_count() as usize;
-        Reserver { shared, config, ledger, hooks, claimed: vec![false; shard_count], workers: Vec::new(), failed: None }
+        let shard_count = shared.store.header().geometry.shard_count();
+        let served = (0..shard_count).map(|s| shared.store.served(s)).collect();
+        Reserver {
+            shared,
+            config,
+            ledger,
+            hooks,
+            claimed: vec![false; shard_count as usize],
+            served,
+            unwritten_served: Vec::new(),
+            workers: Vec::new(),
+            failed: None,
+        }
     }
 
     fn run(mut self, inbox: Receiver<Request>) {
@@ -445,17 +514,63 @@ impl Reserver {
                     self.workers[worker] = WorkerSlot { reply: Some(reply), block_size, ..WorkerSlot::default() };
                     self.serve(worker);
                 }
-                Request::Next { worker } => self.serve(worker),
+                Request::Next { worker } => {
+                    // The handle has moved on to its next block: the one
+                    // before it is used up.
+                    if self.workers[worker].delivered.len() >= 2 {
+                        let done = self.workers[worker].delivered.pop_front().expect("two blocks");
+                        self.count_served(done, done.end);
+                    }
+                    self.serve(worker);
+                    self.write_served();
+                }
                 Request::Refuse(e) => self.failed = Some(e),
-                Request::Release { worker } => {
+                Request::Release { worker, position } => {
                     if let Some(slot) = self.workers.get_mut(worker) {
+                        let current = slot.delivered.pop_front();
+                        slot.delivered.clear();
+                        slot.reply = None;
+                        if let Some(current) = current {
+                            self.count_served(current, position);
+                        }
+                        self.write_served();
+                        let slot = &mut self.workers[worker];
                         if let Some(shard) = slot.shard.take() {
                             self.claimed[shard as usize] = false;
                             self.ledger.release(shard);
                         }
-                        slot.reply = None;
                     }
                 }
+            }
+        }
+    }
+
+    /// Counts the IDs of `block` below counter `position` as served.
+    fn count_served(&mut self, block: Block, position: u64) {
+        if !(block.next..=block.end).contains(&position) {
+            return;
+        }
+        let shard_size = self.shared.store.header().geometry.shard_size();
+        let shard = (block.next / shard_size) as u32;
+        self.served[shard as usize] += position - block.next;
+        if !self.unwritten_served.contains(&shard) {
+            self.unwritten_served.push(shard);
+        }
+    }
+
+    /// Writes the served counts that a block flush has not already carried
+    /// (a shard left behind, a handle dropped), keeping each mark. Skipped
+    /// once the store has failed: the count is a report, and the failure
+    /// has already been reported where it matters.
+    fn write_served(&mut self) {
+        let store = &self.shared.store;
+        for shard in std::mem::take(&mut self.unwritten_served) {
+            if self.failed.is_some() || self.served[shard as usize] <= store.served(shard) {
+                continue;
+            }
+            if let Err(e) = self.flush(shard, store.mark(shard), store.hint(shard)) {
+                tracing::warn!(shard, "cannot record the IDs served: {e}");
+                self.failed = Some(e);
             }
         }
     }
@@ -473,7 +588,11 @@ impl Reserver {
             }
             self.failed = result.clone().err();
         }
-        if let Some(reply) = &self.workers[worker].reply {
+        let slot = &mut self.workers[worker];
+        if let Some(reply) = &slot.reply {
+            if let Ok(block) = &result {
+                slot.delivered.push_back(*block);
+            }
             // A full channel cannot happen (one request per delivered block);
             // a closed one means the handle is gone.
             let _ = reply.try_send(result);
@@ -606,14 +725,14 @@ impl Reserver {
         }
     }
 
-    /// Raises `shard`'s mark to `mark` and flushes it; returns how long the
-    /// flush took.
+    /// Raises `shard`'s mark to `mark` and flushes it with the shard's
+    /// served count; returns how long the flush took.
     fn flush(&self, shard: u32, mark: u64, hint: u32) -> Result<Duration, GenError> {
         let stats = &self.shared.stats;
         let started = self.shared.epoch.elapsed().as_nanos().max(1) as u64;
         stats.flush_started_nanos.store(started, Ordering::Release);
         self.hooks.before_flush();
-        let result = self.shared.store.persist(shard, mark, hint);
+        let result = self.shared.store.persist(shard, mark, hint, self.served[shard as usize]);
         stats.flush_started_nanos.store(0, Ordering::Release);
         let took = result.map_err(|e| GenError::Storage(Arc::new(e)))?;
         if let Some(h) = stats.flush_micros.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
@@ -1302,5 +1421,139 @@ mod tests {
         // up, so up to five attempts are made.
         let results: Vec<Option<u64>> = (0..5).map(|_| attempt()).take_while(|r| *r != Some(0)).collect();
         assert!(results.len() < 5, "ran dry (or fell behind: None) in every attempt at 5M IDs/s: {results:?}");
+    }
+
+    /// Served IDs of this node's shards as the state file records them.
+    fn served_on_disk(path: &Path) -> u64 {
+        crate::state::Snapshot::read(path).unwrap().served()
+    }
+
+    /// The IDs handed out are recorded as served, apart from the reserved
+    /// ones: trailing by at most the block each handle draws from while it
+    /// runs, exact once the handles and the generator are dropped (in either
+    /// order), and added up across restarts.
+    #[test]
+    fn the_ids_handed_out_are_recorded_as_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = init(dir.path(), Geometry { width: 16, shard_bits: 6, node: 0, nodes: 1 }, false);
+        let config = tiny_blocks();
+        let mut seen = HashSet::new();
+        for generator_first in [false, true] {
+            let before = seen.len() as u64;
+            let generator = open(&path, config.clone());
+            let mut one = generator.handle().unwrap();
+            let mut two = generator.handle().unwrap();
+            for _ in 0..1000 {
+                assert!(seen.insert(one.next_id().unwrap().value()));
+            }
+            let mut out = vec![0u8; 777 * ID_LEN];
+            two.fill(&mut out).unwrap();
+            for id in out.chunks(ID_LEN) {
+                assert!(seen.insert(Id::from_wire(id).unwrap().value()));
+            }
+            let handed_out = seen.len() as u64;
+            // While serving: never more than handed out, and once the
+            // reserver has caught up, behind by at most the current blocks.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let served = generator.store().header().geometry.node_shards().map(|s| generator.store().served(s));
+                let served: u64 = served.sum();
+                assert!(served <= handed_out, "{served} served but {handed_out} handed out");
+                if served + 2 * config.block_max >= handed_out {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "served stuck at {served} of {handed_out}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert!(generator.store().used() >= handed_out, "every ID handed out was reserved");
+            if generator_first {
+                drop(generator);
+                drop((one, two));
+            } else {
+                drop((one, two));
+                drop(generator);
+            }
+            assert_eq!(served_on_disk(&path), handed_out, "after a clean stop (generator first: {generator_first})");
+            assert!(handed_out - before == 1777);
+        }
+        // An idle start and stop serves nothing more.
+        drop(open(&path, config.clone()).handle().unwrap());
+        assert_eq!(served_on_disk(&path), seen.len() as u64);
+    }
+
+    /// A space drained by several handles is wholly served, shard by shard:
+    /// the last block of every shard counts, whether the handle moved on to
+    /// another shard or was dropped on exhaustion.
+    #[test]
+    fn a_drained_space_is_recorded_as_wholly_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = Geometry { width: 12, shard_bits: 8, node: 0, nodes: 1 };
+        let path = init(dir.path(), g, false);
+        let generator = open(&path, tiny_blocks());
+        let seen = Mutex::new(HashSet::new());
+        std::thread::scope(|scope| {
+            for _ in 0..3 {
+                let mut handle = generator.handle().unwrap();
+                let seen = &seen;
+                scope.spawn(move || {
+                    let mut mine = HashSet::new();
+                    drain(&mut handle, &mut mine);
+                    let mut all = seen.lock().unwrap();
+                    for id in mine {
+                        assert!(all.insert(id), "duplicate {id}");
+                    }
+                });
+            }
+        });
+        assert_eq!(seen.lock().unwrap().len(), 1 << 12);
+        drop(generator);
+        let snap = crate::state::Snapshot::read(&path).unwrap();
+        assert!(snap.marks.iter().all(|&m| m == g.shard_size()), "{:?}", snap.marks);
+        assert_eq!(snap.served, vec![g.shard_size(); g.shard_count() as usize]);
+    }
+
+    /// A stuck disk never holds a stop: dropping the generator while the
+    /// served count's flush hangs returns after the bounded wait, and once
+    /// the disk answers the state file is whole and served nothing twice.
+    #[test]
+    fn a_stuck_disk_never_holds_the_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = init(dir.path(), Geometry { width: 16, shard_bits: 6, node: 0, nodes: 1 }, false);
+        let stuck = dir.path().join("stuck");
+        let hooks = TestHooks { stuck_flush_file: Some(stuck.clone()), ..TestHooks::default() };
+        let store = Store::open(std::slice::from_ref(&path)).unwrap().0;
+        let ledger = LocalLedger::new(&store);
+        let generator = Generator::with_hooks(store, tiny_blocks(), Box::new(ledger), hooks);
+        let mut handle = generator.handle().unwrap();
+        let first: Vec<u64> = (0..3).map(|_| handle.next_id().unwrap().value()).collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while generator.stats().blocks_reserved.load(Ordering::Acquire) < 2 {
+            assert!(Instant::now() < deadline, "the prefetch never landed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::fs::write(&stuck, "").unwrap();
+        let started = Instant::now();
+        drop(handle); // its served count now waits on the disk
+        drop(generator);
+        let took = started.elapsed();
+        assert!(took >= STOP_WAIT / 2, "the drop did not wait for the served count at all ({took:?})");
+        assert!(took < STOP_WAIT * 4, "a stuck disk held the drop for {took:?}");
+        std::fs::remove_file(&stuck).unwrap();
+        // The reserver finishes the write and lets the file go.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let store = loop {
+            match Store::open(std::slice::from_ref(&path)) {
+                Ok((store, _)) => break store,
+                Err(e) => assert!(Instant::now() < deadline, "{e}"),
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let generator = Generator::new(store, tiny_blocks());
+        let mut handle = generator.handle().unwrap();
+        for _ in 0..100 {
+            assert!(!first.contains(&handle.next_id().unwrap().value()));
+        }
+        drop((handle, generator));
+        assert_eq!(served_on_disk(&path), 103, "the stuck count was written once the disk answered");
     }
 }

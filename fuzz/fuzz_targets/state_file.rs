@@ -21,8 +21,8 @@ fn pristine() -> (Vec<u8>, [[u64; 2]; 4]) {
     // Per shard: (older mark in slot 1 with seq 4, newer in slot 0 with seq 5).
     let marks = [[3, 7], [0, 16], [2, 5], [0, 0]];
     for (shard, [older, newer]) in marks.iter().enumerate() {
-        file.extend_from_slice(&encode_slot(5, *newer, 0, 7, shard as u32, 0));
-        file.extend_from_slice(&encode_slot(4, *older, 0, 7, shard as u32, 1));
+        file.extend_from_slice(&encode_slot(5, *newer, 0, 0, 7, shard as u32, 0));
+        file.extend_from_slice(&encode_slot(4, *older, 0, 0, 7, shard as u32, 1));
     }
     (file, marks)
 }

@@ -29,8 +29,8 @@ pub fn create(paths: &[PathBuf], header: &Header) -> Result<(), StateError> {
     contents.extend_from_slice(&header.encode());
     for shard in 0..g.shard_count() {
         // Both slots valid with mark 0: slot 0 is the newest.
-        contents.extend_from_slice(&encode_slot(1, 0, 0, header.file_id, shard, 0));
-        contents.extend_from_slice(&encode_slot(0, 0, 0, header.file_id, shard, 1));
+        contents.extend_from_slice(&encode_slot(1, 0, 0, 0, header.file_id, shard, 0));
+        contents.extend_from_slice(&encode_slot(0, 0, 0, 0, header.file_id, shard, 1));
     }
     let temps = paths.iter().map(|p| Temp::write(p, &contents, 0o600)).collect::<Result<Vec<_>, _>>()?;
     let mut linked: Vec<&PathBuf> = Vec::new();

@@ -422,43 +422,59 @@ pub struct SlotState {
     /// The size of the last block reserved in the shard (0: unknown), so a
     /// restart can start with blocks sized to recent load.
     pub hint: u32,
+    /// How many of the shard's IDs are known to have been handed out: a
+    /// lower bound, never above `mark` (0 in files from before it was kept).
+    pub served: u64,
     /// Whether the other slot was invalid (a torn or corrupt write).
     pub other_invalid: bool,
 }
 
 /// Reads one shard's two slots and picks the newest valid one. Pure.
+///
+/// Only the sequence number, the mark and the checksum decide which slot
+/// wins: the hint and the served count are advice, and a served count above
+/// the mark (which no tradeid writes) is read as the mark, never as a reason
+/// to fall back to an older mark.
 pub fn decode_shard(record: &[u8], file_id: u64, shard: u32, shard_size: u64) -> Result<SlotState, String> {
-    let read = |slot: u8| -> Option<(u64, u64, u32)> {
+    let read = |slot: u8| -> Option<SlotState> {
         let bytes = &record[usize::from(slot) * SLOT_LEN..][..SLOT_LEN];
-        let (seq, mark, hint) = (get_u64(bytes, 0), get_u64(bytes, 8), get_u32(bytes, 16));
+        let (seq, mark) = (get_u64(bytes, 0), get_u64(bytes, 8));
         let valid = get_u32(bytes, SLOT_CRC_AT) == slot_crc(bytes, file_id, shard, slot) && mark <= shard_size;
-        valid.then_some((seq, mark, hint))
+        valid.then(|| SlotState {
+            seq,
+            slot,
+            mark,
+            hint: get_u32(bytes, 16),
+            served: get_u64(bytes, 20).min(mark),
+            other_invalid: false,
+        })
     };
     match (read(0), read(1)) {
         (None, None) => Err("neither of its two slots is valid".into()),
-        (Some((seq, mark, hint)), None) => Ok(SlotState { seq, slot: 0, mark, hint, other_invalid: true }),
-        (None, Some((seq, mark, hint))) => Ok(SlotState { seq, slot: 1, mark, hint, other_invalid: true }),
-        (Some(a), Some(b)) if a.0 == b.0 => Err(format!("both slots claim sequence number {}", a.0)),
+        (Some(only), None) | (None, Some(only)) => Ok(SlotState { other_invalid: true, ..only }),
+        (Some(a), Some(b)) if a.seq == b.seq => Err(format!("both slots claim sequence number {}", a.seq)),
         (Some(a), Some(b)) => {
-            let (newest, older, slot) = if a.0 > b.0 { (a, b, 0) } else { (b, a, 1) };
-            if newest.1 < older.1 {
+            let (newest, older) = if a.seq > b.seq { (a, b) } else { (b, a) };
+            if newest.mark < older.mark {
                 return Err(format!(
                     "its newest slot (seq {}) records mark {} below the older slot's {}; marks never go back",
-                    newest.0, newest.1, older.1
+                    newest.seq, newest.mark, older.mark
                 ));
             }
-            Ok(SlotState { seq: newest.0, slot, mark: newest.1, hint: newest.2, other_invalid: false })
+            Ok(newest)
         }
     }
 }
 
-/// Serialises one slot: sequence number, mark, and the block-size hint
-/// (the size of the last block reserved in the shard, or 0).
-pub fn encode_slot(seq: u64, mark: u64, hint: u32, file_id: u64, shard: u32, slot: u8) -> [u8; SLOT_LEN] {
+/// Serialises one slot: sequence number, mark, the block-size hint (the
+/// size of the last block reserved in the shard, or 0) and the served count
+/// (IDs of the shard known to have been handed out, at most `mark`).
+pub fn encode_slot(seq: u64, mark: u64, hint: u32, served: u64, file_id: u64, shard: u32, slot: u8) -> [u8; SLOT_LEN] {
     let mut bytes = [0u8; SLOT_LEN];
     put_u64(&mut bytes, 0, seq);
     put_u64(&mut bytes, 8, mark);
     put_u32(&mut bytes, 16, hint);
+    put_u64(&mut bytes, 20, served.min(mark));
     let crc = slot_crc(&bytes, file_id, shard, slot);
     put_u32(&mut bytes, SLOT_CRC_AT, crc);
     bytes
@@ -470,8 +486,10 @@ pub fn encode_slot(seq: u64, mark: u64, hint: u32, file_id: u64, shard: u32, slo
 pub struct Snapshot {
     /// The validated header.
     pub header: Header,
-    /// The newest valid mark of every shard.
+    /// The newest valid mark of every shard: IDs reserved.
     pub marks: Vec<u64>,
+    /// Per shard, IDs known to have been handed out (see [`SlotState::served`]).
+    pub served: Vec<u64>,
     /// Shards whose newest slot was invalid.
     pub fell_back: Vec<u32>,
 }
@@ -484,13 +502,22 @@ impl Snapshot {
         Ok(Snapshot {
             header,
             marks: slots.iter().map(|s| s.mark).collect(),
+            served: slots.iter().map(|s| s.served).collect(),
             fell_back: (0..slots.len() as u32).filter(|&s| slots[s as usize].other_invalid).collect(),
         })
     }
 
-    /// IDs of this node's shards that may have been handed out.
+    /// IDs of this node's shards that may have been handed out: every ID
+    /// below a mark was reserved, so none of them is ever issued again.
     pub fn used(&self) -> u64 {
         self.header.geometry.node_shards().map(|s| self.marks[s as usize]).sum()
+    }
+
+    /// IDs of this node's shards known to have been handed out: at most
+    /// [`used`](Self::used), which also counts blocks held by a running
+    /// server or skipped by restarts.
+    pub fn served(&self) -> u64 {
+        self.header.geometry.node_shards().map(|s| self.served[s as usize]).sum()
     }
 }
 
@@ -602,21 +629,50 @@ mod tests {
         assert_eq!(&page[..8], b"TRADEID\0");
         assert_eq!(crc32fast::hash(&page), GOLDEN_HEADER_CRC);
         assert_eq!(Header::decode(&page).unwrap(), header);
-        assert_eq!(encode_slot(7, 1000, 0, header.file_id, 42, 1), GOLDEN_SLOT);
+        assert_eq!(encode_slot(7, 1000, 0, 0, header.file_id, 42, 1), GOLDEN_SLOT);
         // The block-size hint lives in bytes 16..20, which older files
         // left zero: they read back as "no hint".
-        let hinted = encode_slot(7, 1000, 65_536, header.file_id, 42, 1);
+        let hinted = encode_slot(7, 1000, 65_536, 0, header.file_id, 42, 1);
         assert_eq!(&hinted[16..20], &65_536u32.to_le_bytes());
-        let mut record = encode_slot(6, 900, 0, header.file_id, 42, 0).to_vec();
+        let mut record = encode_slot(6, 900, 0, 0, header.file_id, 42, 0).to_vec();
         record.extend_from_slice(&hinted);
         let state = decode_shard(&record, header.file_id, 42, 1 << 22).unwrap();
-        assert_eq!((state.seq, state.mark, state.hint), (7, 1000, 65_536));
+        assert_eq!((state.seq, state.mark, state.hint, state.served), (7, 1000, 65_536, 0));
         // Today's header records the space id at offset 88.
         let current = Header { records_space_id: true, ..header };
         let page = current.encode();
         assert_eq!(get_u64(&page, 88), GOLDEN_SPACE_ID);
         assert_eq!(current.space_id().to_string(), "aea4-8dfe-3611-2351");
         assert_eq!(Header::decode(&page).unwrap(), current);
+    }
+
+    /// The served count lives in bytes 20..28, which older files left zero
+    /// (they read as "none known"), is covered by the checksum, and never
+    /// reads above the mark nor decides which slot wins.
+    #[test]
+    fn the_served_count_round_trips_under_the_checksum_and_never_exceeds_the_mark() {
+        let served = encode_slot(7, 1000, 64, 640, 9, 42, 1);
+        assert_eq!(&served[20..28], &640u64.to_le_bytes());
+        let mut record = encode_slot(6, 900, 64, 600, 9, 42, 0).to_vec();
+        record.extend_from_slice(&served);
+        let state = decode_shard(&record, 9, 42, 1 << 22).unwrap();
+        assert_eq!((state.mark, state.served, state.other_invalid), (1000, 640, false));
+        // The encoder never writes more served than reserved ...
+        assert_eq!(&encode_slot(7, 1000, 64, 5000, 9, 42, 1)[20..28], &1000u64.to_le_bytes());
+        // ... and a slot that says so anyway (valid checksum) still counts
+        // with its mark: the count is read as the mark.
+        let mut bytes = encode_slot(7, 1000, 64, 0, 9, 42, 1);
+        put_u64(&mut bytes, 20, 5000);
+        let crc = slot_crc(&bytes, 9, 42, 1);
+        put_u32(&mut bytes, SLOT_CRC_AT, crc);
+        record.truncate(SLOT_LEN);
+        record.extend_from_slice(&bytes);
+        let state = decode_shard(&record, 9, 42, 1 << 22).unwrap();
+        assert_eq!((state.mark, state.served, state.other_invalid), (1000, 1000, false));
+        // A changed count without a new checksum is a torn slot.
+        record[SLOT_LEN + 20] ^= 1;
+        let state = decode_shard(&record, 9, 42, 1 << 22).unwrap();
+        assert_eq!((state.mark, state.served, state.other_invalid), (900, 600, true));
     }
 
     #[test]
@@ -687,8 +743,8 @@ mod tests {
     #[test]
     fn a_slot_copied_to_another_shard_is_invalid() {
         let record_for = |shard| {
-            let mut r = encode_slot(5, 9, 0, 42, shard, 0).to_vec();
-            r.extend_from_slice(&encode_slot(4, 3, 0, 42, shard, 1));
+            let mut r = encode_slot(5, 9, 0, 0, 42, shard, 0).to_vec();
+            r.extend_from_slice(&encode_slot(4, 3, 0, 0, 42, shard, 1));
             r
         };
         assert_eq!(decode_shard(&record_for(3), 42, 3, 16).unwrap().mark, 9);
@@ -717,8 +773,8 @@ mod tests {
             seq in 1u64..1000, older in 0u64..100, extra in 0u64..100, at in 0usize..SHARD_RECORD_LEN, bit in 0u8..8,
         ) {
             let newer = older + extra;
-            let mut record = encode_slot(seq + 1, newer, 0, 1, 0, 0).to_vec();
-            record.extend_from_slice(&encode_slot(seq, older, 0, 1, 0, 1));
+            let mut record = encode_slot(seq + 1, newer, 0, 0, 1, 0, 0).to_vec();
+            record.extend_from_slice(&encode_slot(seq, older, 0, 0, 1, 0, 1));
             record[at] ^= 1 << bit;
             // CRC-32 detects every single-bit error, so the result is one of
             // the two written marks, never an invented one.

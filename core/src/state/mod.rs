@@ -35,8 +35,10 @@
 //! 168 ...  zero
 //! 4092  4  CRC-32 of bytes 0..4092
 //! offset 4096  shard records, 64 bytes each, in shard order
-//!   two 32-byte slots: seq u64 | mark u64 | hint u32 | 8 zero bytes | CRC-32
-//!   (hint: the size of the last block reserved in the shard, 0 if unknown)
+//!   two 32-byte slots: seq u64 | mark u64 | hint u32 | served u64 | CRC-32
+//!   (hint: the size of the last block reserved in the shard, 0 if unknown;
+//!   served: how many of the shard's IDs are known to have been handed out,
+//!   at most the mark; files from before these were kept hold zeros there)
 //!   the CRC covers the slot's first 28 bytes and (file id, shard, slot).
 //! ```
 //!

@@ -51,6 +51,8 @@ pub struct Store {
     marks: Box<[AtomicU64]>,
     /// Per shard: the size of the last block reserved in it (0: unknown).
     hints: Box<[AtomicU32]>,
+    /// Per shard: the persisted count of its IDs known to be handed out.
+    served: Box<[AtomicU64]>,
     poisoned: AtomicBool,
     /// Test hook: flushes after this many fail with EIO (`u64::MAX`: never).
     fail_flushes_after: AtomicU64,
@@ -135,12 +137,14 @@ impl Store {
             (0..shard_count).map(|s| loaded.iter().map(|(_, _, slots)| slots[s].mark).max().unwrap_or(0)).collect();
         let hints: Vec<u32> =
             (0..shard_count).map(|s| loaded.iter().map(|(_, _, slots)| slots[s].hint).max().unwrap_or(0)).collect();
+        let served: Vec<u64> =
+            (0..shard_count).map(|s| loaded.iter().map(|(_, _, slots)| slots[s].served).max().unwrap_or(0)).collect();
         let mut behind = vec![0u32; loaded.len()];
         let mut lagging_shards = Vec::new();
         for (s, &mark) in best.iter().enumerate() {
             let mut lagging = false;
             for (m, (_, _, slots)) in loaded.iter().enumerate() {
-                if slots[s].mark < mark {
+                if slots[s].mark < mark || slots[s].served < served[s] {
                     behind[m] += 1;
                     lagging = true;
                 }
@@ -164,6 +168,7 @@ impl Store {
             shards: newest.into_iter().map(|n| Mutex::new(ShardDisk { newest: n })).collect(),
             marks: best.iter().map(|&m| AtomicU64::new(m)).collect(),
             hints: hints.iter().map(|&h| AtomicU32::new(h)).collect(),
+            served: served.iter().map(|&n| AtomicU64::new(n)).collect(),
             poisoned: AtomicBool::new(false),
             fail_flushes_after: AtomicU64::new(u64::MAX),
             flushes: AtomicU64::new(0),
@@ -172,7 +177,8 @@ impl Store {
         // mirror is harmless for those already there.
         for shard in lagging_shards {
             let mut disk = store.shards[shard as usize].lock().unwrap_or_else(|p| p.into_inner());
-            store.write_and_flush(&mut disk, shard, best[shard as usize], hints[shard as usize])?;
+            let s = shard as usize;
+            store.write_and_flush(&mut disk, shard, best[s], hints[s], served[s])?;
         }
         for (m, count) in behind.into_iter().enumerate() {
             if count > 0 {
@@ -227,29 +233,38 @@ impl Store {
         self.hints[shard as usize].load(Ordering::Relaxed)
     }
 
+    /// The persisted count of `shard`'s IDs known to have been handed out
+    /// (at most its mark).
+    pub fn served(&self, shard: u32) -> u64 {
+        self.served[shard as usize].load(Ordering::Relaxed)
+    }
+
     /// IDs of this node's shards that may have been handed out.
     pub fn used(&self) -> u64 {
         self.header.geometry.node_shards().map(|s| self.mark(s)).sum()
     }
 
     /// Durably raises the mark of `shard` to `mark` in every mirror, and
-    /// records `hint` (the block's size) for the next start.
+    /// records `hint` (the block's size) for the next start and `served`
+    /// (how many of its IDs are known to have been handed out; a count
+    /// below the one recorded, or above `mark`, is raised or capped).
+    /// `mark` may equal the current mark, to record only a new count.
     ///
     /// Returns only after every copy is flushed, so the caller may hand out
     /// counters below `mark` once this returns `Ok`. Any failure poisons the
     /// store: a flush is never retried (its outcome on disk is unknown).
-    pub fn persist(&self, shard: u32, mark: u64, hint: u32) -> Result<Duration, StateError> {
+    pub fn persist(&self, shard: u32, mark: u64, hint: u32, served: u64) -> Result<Duration, StateError> {
         if self.poisoned.load(Ordering::Acquire) {
             return Err(StateError::Poisoned);
         }
-        let result = self.persist_inner(shard, mark, hint);
+        let result = self.persist_inner(shard, mark, hint, served);
         if result.is_err() {
             self.poisoned.store(true, Ordering::Release);
         }
         result
     }
 
-    fn persist_inner(&self, shard: u32, mark: u64, hint: u32) -> Result<Duration, StateError> {
+    fn persist_inner(&self, shard: u32, mark: u64, hint: u32, served: u64) -> Result<Duration, StateError> {
         let g = &self.header.geometry;
         assert!(g.owns(shard) && mark <= g.shard_size(), "mark {mark} for shard {shard}");
         let started = Instant::now();
@@ -262,9 +277,11 @@ impl Store {
         if self.poisoned.load(Ordering::Acquire) {
             return Err(StateError::Poisoned);
         }
-        self.write_and_flush(&mut disk, shard, mark, hint)?;
+        let served = served.max(self.served(shard)).min(mark);
+        self.write_and_flush(&mut disk, shard, mark, hint, served)?;
         self.marks[shard as usize].store(mark, Ordering::Release);
         self.hints[shard as usize].store(hint, Ordering::Relaxed);
+        self.served[shard as usize].store(served, Ordering::Relaxed);
         drop(disk);
         // A file truncated during the flush may still flush without error
         // (the page is simply gone): check the size before trusting it,
@@ -301,7 +318,14 @@ impl Store {
 
     /// Writes `mark` into the older slot of `shard` in every mirror, then
     /// flushes each. The caller holds the shard's lock (`disk`).
-    fn write_and_flush(&self, disk: &mut ShardDisk, shard: u32, mark: u64, hint: u32) -> Result<(), StateError> {
+    fn write_and_flush(
+        &self,
+        disk: &mut ShardDisk,
+        shard: u32,
+        mark: u64,
+        hint: u32,
+        served: u64,
+    ) -> Result<(), StateError> {
         let offsets: Vec<usize> = self
             .mirrors
             .iter()
@@ -309,7 +333,7 @@ impl Store {
             .map(|(mirror, &(seq, newest_slot))| {
                 let slot = 1 - newest_slot;
                 let offset = slot_offset(shard, slot);
-                let bytes = encode_slot(seq + 1, mark, hint, self.header.file_id, shard, slot);
+                let bytes = encode_slot(seq + 1, mark, hint, served, self.header.file_id, shard, slot);
                 // SAFETY: `offset + SLOT_LEN <= map.len()`: the map length was
                 // checked against the geometry at open and `shard` is in
                 // range. No other thread writes these bytes: slot writes for
@@ -434,27 +458,39 @@ impl Store {
         for (shard, disk) in disks.iter_mut().enumerate() {
             let shard = shard as u32;
             let (seq, slot) = disk.newest[m];
-            let (mark, hint) = (self.mark(shard), self.hint(shard));
+            let (mark, hint, served) = (self.mark(shard), self.hint(shard), self.served(shard));
             let at = slot_offset(shard, slot);
-            if header_intact && current[at..at + SLOT_LEN] == encode_slot(seq, mark, hint, file_id, shard, slot) {
+            let ours = encode_slot(seq, mark, hint, served, file_id, shard, slot);
+            if header_intact && current[at..at + SLOT_LEN] == ours {
                 continue;
             }
             // Whatever is there now may only raise the mark (a copy of a
             // newer state of this same file), never lower it.
             let record = &current[slot_offset(shard, 0)..][..SHARD_RECORD_LEN];
             let theirs = if header_intact {
-                decode_shard(record, file_id, shard, self.header.geometry.shard_size()).map_or(0, |s| s.mark)
+                decode_shard(record, file_id, shard, self.header.geometry.shard_size()).ok()
             } else {
-                0
+                None
             };
-            let mark = mark.max(theirs);
+            let mark = mark.max(theirs.map_or(0, |t| t.mark));
+            let served = served.max(theirs.map_or(0, |t| t.served));
             let mut bytes = vec![0u8; SHARD_RECORD_LEN];
             let newest = usize::from(slot) * SLOT_LEN;
             let older = usize::from(1 - slot) * SLOT_LEN;
-            bytes[newest..newest + SLOT_LEN].copy_from_slice(&encode_slot(seq, mark, hint, file_id, shard, slot));
-            bytes[older..older + SLOT_LEN].copy_from_slice(&encode_slot(seq - 1, mark, hint, file_id, shard, 1 - slot));
+            bytes[newest..newest + SLOT_LEN]
+                .copy_from_slice(&encode_slot(seq, mark, hint, served, file_id, shard, slot));
+            bytes[older..older + SLOT_LEN].copy_from_slice(&encode_slot(
+                seq - 1,
+                mark,
+                hint,
+                served,
+                file_id,
+                shard,
+                1 - slot,
+            ));
             writes.push((slot_offset(shard, 0), bytes));
             self.marks[shard as usize].fetch_max(mark, Ordering::AcqRel);
+            self.served[shard as usize].fetch_max(served.min(mark), Ordering::Relaxed);
         }
         if writes.is_empty() {
             return Ok(0);
@@ -478,6 +514,7 @@ impl Store {
     fn restore_at_path(&self, path: &Path) -> bool {
         let g = self.header.geometry;
         let mut marks: Vec<u64> = (0..g.shard_count()).map(|s| self.mark(s)).collect();
+        let mut served: Vec<u64> = (0..g.shard_count()).map(|s| self.served(s)).collect();
         let existing = match std::fs::read(path) {
             Ok(bytes) => Some(bytes),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
@@ -489,8 +526,9 @@ impl Store {
         if let Some(bytes) = &existing {
             match decode_file(path, bytes) {
                 Ok((header, slots)) if header.file_id == self.header.file_id => {
-                    for (mark, slot) in marks.iter_mut().zip(slots) {
+                    for ((mark, served), slot) in marks.iter_mut().zip(&mut served).zip(slots) {
                         *mark = (*mark).max(slot.mark);
+                        *served = (*served).max(slot.served);
                     }
                 }
                 _ => {
@@ -504,10 +542,10 @@ impl Store {
         }
         let mut contents = Vec::with_capacity(g.file_len() as usize);
         contents.extend_from_slice(&self.header.encode());
-        for (shard, &mark) in marks.iter().enumerate() {
-            let (shard, hint) = (shard as u32, self.hint(shard as u32));
-            contents.extend_from_slice(&encode_slot(1, mark, hint, self.header.file_id, shard, 0));
-            contents.extend_from_slice(&encode_slot(0, mark, hint, self.header.file_id, shard, 1));
+        for (shard, (&mark, &served)) in marks.iter().zip(&served).enumerate() {
+            let (shard, hint, file_id) = (shard as u32, self.hint(shard as u32), self.header.file_id);
+            contents.extend_from_slice(&encode_slot(1, mark, hint, served, file_id, shard, 0));
+            contents.extend_from_slice(&encode_slot(0, mark, hint, served, file_id, shard, 1));
         }
         let written =
             if existing.is_some() { replace_durably(path, &contents) } else { create_durably(path, &contents, 0o600) };
@@ -588,9 +626,9 @@ mod tests {
         let path = init(dir.path(), "s", small(12, 4));
         {
             let (store, _) = Store::open(std::slice::from_ref(&path)).unwrap();
-            store.persist(3, 5, 0).unwrap();
-            store.persist(3, 9, 0).unwrap();
-            store.persist(7, 16, 0).unwrap();
+            store.persist(3, 5, 0, 0).unwrap();
+            store.persist(3, 9, 0, 0).unwrap();
+            store.persist(7, 16, 0, 0).unwrap();
             assert_eq!(store.used(), 25);
         }
         let (store, report) = Store::open(&[path]).unwrap();
@@ -604,15 +642,15 @@ mod tests {
         let path = init(dir.path(), "s", small(12, 4));
         {
             let (store, _) = Store::open(std::slice::from_ref(&path)).unwrap();
-            store.persist(2, 4, 0).unwrap(); // slot 1, seq 2
-            store.persist(2, 8, 0).unwrap(); // slot 0, seq 3: the newest
+            store.persist(2, 4, 0, 0).unwrap(); // slot 1, seq 2
+            store.persist(2, 8, 0, 0).unwrap(); // slot 0, seq 3: the newest
         }
         flip(&path, slot_offset(2, 0) + 9); // tear the newest slot's mark
         let (store, report) = Store::open(std::slice::from_ref(&path)).unwrap();
         assert_eq!(store.mark(2), 4, "fell back to the older slot");
         assert_eq!(report.fell_back, vec![(path.clone(), 2)]);
         // The next write goes to the torn slot and repairs it.
-        store.persist(2, 12, 0).unwrap();
+        store.persist(2, 12, 0, 0).unwrap();
         drop(store);
         let (store, report) = Store::open(&[path]).unwrap();
         assert_eq!(store.mark(2), 12);
@@ -648,7 +686,7 @@ mod tests {
         {
             let (store, _) = Store::open(std::slice::from_ref(&path)).unwrap();
             for (shard, mark) in [(0, 3), (0, 7), (1, 16), (2, 1), (2, 2), (2, 5)] {
-                store.persist(shard, mark, 0).unwrap();
+                store.persist(shard, mark, 0, 0).unwrap();
             }
         }
         let pristine = std::fs::read(&path).unwrap();
@@ -733,10 +771,10 @@ mod tests {
         let backup = dir.path().join("b.backup");
         {
             let (store, _) = Store::open(&paths).unwrap();
-            store.persist(1, 4, 0).unwrap();
+            store.persist(1, 4, 0, 0).unwrap();
             std::fs::copy(&paths[1], &backup).unwrap();
-            store.persist(1, 10, 0).unwrap();
-            store.persist(2, 16, 0).unwrap();
+            store.persist(1, 10, 0, 0).unwrap();
+            store.persist(2, 16, 0, 0).unwrap();
         }
         std::fs::copy(&backup, &paths[1]).unwrap(); // roll mirror b back
         let (store, report) = Store::open(&paths).unwrap();
@@ -764,17 +802,53 @@ mod tests {
         {
             let (store, _) = Store::open(std::slice::from_ref(&path)).unwrap();
             assert_eq!(store.hint(3), 0, "a new file has no hints");
-            store.persist(3, 40, 32).unwrap();
+            store.persist(3, 40, 32, 0).unwrap();
         }
         let (store, _) = Store::open(&[path]).unwrap();
         assert_eq!((store.mark(3), store.hint(3), store.hint(4)), (40, 32, 0));
     }
 
+    /// The served count is kept beside the mark: it survives a restart,
+    /// only rises, never exceeds the mark, may be recorded without raising
+    /// the mark, and the largest count among mirrors wins.
+    #[test]
+    fn served_counts_survive_a_restart_and_only_rise_up_to_the_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        create(&[a.clone(), b.clone()], &Header::new(small(12, 6), false).unwrap()).unwrap();
+        let both = [a.clone(), b.clone()];
+        {
+            let (store, _) = Store::open(&both).unwrap();
+            assert_eq!(store.served(3), 0, "a new file has served nothing");
+            store.persist(3, 40, 32, 10).unwrap();
+            store.persist(3, 40, 32, 25).unwrap(); // the count alone
+            store.persist(3, 48, 32, 5).unwrap(); // never lowered
+            store.persist(4, 8, 8, 64).unwrap(); // capped at the mark
+            assert_eq!((store.mark(3), store.served(3), store.served(4)), (48, 25, 8));
+        }
+        let snap = Snapshot::read(&a).unwrap();
+        assert_eq!((snap.served[3], snap.served[4], snap.served()), (25, 8, 33));
+        assert_eq!(snap.used(), 56);
+        let old_b = std::fs::read(&b).unwrap();
+        {
+            let (store, _) = Store::open(&both).unwrap();
+            assert_eq!((store.mark(3), store.served(3)), (48, 25));
+            store.persist(3, 48, 32, 40).unwrap();
+        }
+        // A mirror restored from an older copy: the larger count wins, and
+        // the repair at open writes it back into the mirror.
+        std::fs::write(&b, &old_b).unwrap();
+        let (store, _) = Store::open(&both).unwrap();
+        assert_eq!(store.served(3), 40);
+        drop(store);
+        assert_eq!(Snapshot::read(&b).unwrap().served[3], 40);
+    }
+
     fn serving_store(dir: &Path) -> (PathBuf, Store) {
         let path = init(dir, "s", small(12, 4));
         let (store, _) = Store::open(std::slice::from_ref(&path)).unwrap();
-        store.persist(1, 8, 8).unwrap();
-        store.persist(2, 16, 16).unwrap();
+        store.persist(1, 8, 8, 0).unwrap();
+        store.persist(2, 16, 16, 0).unwrap();
         (path, store)
     }
 
@@ -792,10 +866,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = init(dir.path(), "s", small(12, 4));
         let (store, _) = Store::open(std::slice::from_ref(&path)).unwrap();
-        store.persist(1, 4, 4).unwrap();
+        store.persist(1, 4, 4, 0).unwrap();
         let old = std::fs::read(&path).unwrap();
-        store.persist(1, 12, 4).unwrap();
-        store.persist(2, 16, 16).unwrap();
+        store.persist(1, 12, 4, 0).unwrap();
+        store.persist(2, 16, 16, 0).unwrap();
         std::fs::write(&path, &old).unwrap(); // same inode, old bytes
         match store.verify().unwrap() {
             Integrity::Repaired { records, .. } => assert!(records >= 2, "{records}"),
@@ -821,12 +895,12 @@ mod tests {
         let (path, store) = serving_store(dir.path());
         let old = dir.path().join("old");
         std::fs::copy(&path, &old).unwrap();
-        store.persist(1, 15, 8).unwrap();
+        store.persist(1, 15, 8, 0).unwrap();
         std::fs::rename(&old, &path).unwrap();
         let err = store.verify().unwrap_err();
         assert!(matches!(err, StateError::Displaced { restored: true, .. }), "{err}");
         assert!(err.to_string().contains("was replaced by another file"), "{err}");
-        assert!(matches!(store.persist(1, 16, 8), Err(StateError::Poisoned)), "no more reservations");
+        assert!(matches!(store.persist(1, 16, 8, 0), Err(StateError::Poisoned)), "no more reservations");
         drop(store);
         assert_eq!(Snapshot::read(&path).unwrap().marks[1], 15);
     }
@@ -881,7 +955,7 @@ mod tests {
         // Served: restore the mirror from the other.
         {
             let (store, _) = Store::open(std::slice::from_ref(&a)).unwrap();
-            store.persist(0, 4, 4).unwrap();
+            store.persist(0, 4, 4, 0).unwrap();
         }
         let err = Store::open(&[a.clone(), b.clone()]).err().unwrap();
         assert!(matches!(err, StateError::MirrorMissing { .. }), "{err}");
