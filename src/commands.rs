@@ -227,11 +227,12 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     // was handed out. The difference is held by a running server or was
     // skipped by restarts.
     say!("reserved       {used} of {capacity} ({:.4}%)", pct(used));
-    say!(
-        "served         at least {served} ({:.4}%); the other {} reserved are held by a running server or were skipped at restarts",
-        pct(served),
-        used - served
-    );
+    let unserved = if h.cluster.is_some() {
+        "were reserved by this or other nodes of the cluster (this file's marks are floors under etcd's)"
+    } else {
+        "are held by a running server or were skipped at restarts"
+    };
+    say!("served         at least {served} ({:.4}%); the other {} reserved {unserved}", pct(served), used - served);
     say!("remaining      {} ({:.4}%)", capacity - used, pct(capacity - used));
     say!("shards         {} partly used, {full} full", in_use.len());
     if !in_use.is_empty() {

@@ -218,7 +218,12 @@ impl Generator {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name("tradeid-reserver".into())
-                .spawn(move || Reserver::new(shared, config, ledger, hooks).run(inbox))
+                .spawn(move || {
+                    // Dropped last, after the reserver and its ledger (even
+                    // on a panic): says the thread is done.
+                    let _exit = ExitSignal(Arc::clone(&shared));
+                    Reserver::new(shared, config, ledger, hooks).run(inbox);
+                })
                 .expect("spawning the reserver thread")
         };
         Generator { shared, requests, reserver: Some(reserver), next_worker: AtomicUsize::new(0) }
@@ -442,11 +447,13 @@ struct Reserver {
     failed: Option<GenError>,
 }
 
-impl Drop for Reserver {
-    /// Says the reserver has ended (returned or panicked), for the drops
-    /// that wait for it.
+/// Says the reserver thread has ended (returned or panicked, its ledger
+/// let go), for the drops that wait for it.
+struct ExitSignal(Arc<Shared>);
+
+impl Drop for ExitSignal {
     fn drop(&mut self) {
-        let (exited, signal) = &self.shared.reserver_exited;
+        let (exited, signal) = &self.0.reserver_exited;
         *exited.lock().unwrap_or_else(|p| p.into_inner()) = true;
         signal.notify_all();
     }
@@ -530,15 +537,16 @@ impl Reserver {
                         let current = slot.delivered.pop_front();
                         slot.delivered.clear();
                         slot.reply = None;
-                        if let Some(current) = current {
-                            self.count_served(current, position);
-                        }
-                        self.write_served();
-                        let slot = &mut self.workers[worker];
+                        // The claim goes back first: a slow disk must not
+                        // keep the shard from other handles or nodes.
                         if let Some(shard) = slot.shard.take() {
                             self.claimed[shard as usize] = false;
                             self.ledger.release(shard);
                         }
+                        if let Some(current) = current {
+                            self.count_served(current, position);
+                        }
+                        self.write_served();
                     }
                 }
             }
@@ -563,12 +571,11 @@ impl Reserver {
     /// once the store has failed: the count is a report, and the failure
     /// has already been reported where it matters.
     fn write_served(&mut self) {
-        let store = &self.shared.store;
         for shard in std::mem::take(&mut self.unwritten_served) {
-            if self.failed.is_some() || self.served[shard as usize] <= store.served(shard) {
+            if self.failed.is_some() || self.served[shard as usize] <= self.shared.store.served(shard) {
                 continue;
             }
-            if let Err(e) = self.flush(shard, store.mark(shard), store.hint(shard)) {
+            if let Err(e) = self.flush(shard, None) {
                 tracing::warn!(shard, "cannot record the IDs served: {e}");
                 self.failed = Some(e);
             }
@@ -705,7 +712,7 @@ impl Reserver {
                 }
             };
             let hint = u32::try_from(self.workers[worker].block_size).unwrap_or(u32::MAX);
-            let took = self.flush(shard, end, hint).map_err(Retry::Gen)?;
+            let took = self.flush(shard, Some((end, hint))).map_err(Retry::Gen)?;
             // One line per block (TRADEID_LOG=debug), never per ID.
             tracing::debug!(
                 worker,
@@ -725,14 +732,19 @@ impl Reserver {
         }
     }
 
-    /// Raises `shard`'s mark to `mark` and flushes it with the shard's
-    /// served count; returns how long the flush took.
-    fn flush(&self, shard: u32, mark: u64, hint: u32) -> Result<Duration, GenError> {
+    /// Raises `shard`'s mark to `block`'s mark (recording its hint), or
+    /// keeps both (`None`), and flushes it with the shard's served count;
+    /// returns how long the flush took.
+    fn flush(&self, shard: u32, block: Option<(u64, u32)>) -> Result<Duration, GenError> {
         let stats = &self.shared.stats;
         let started = self.shared.epoch.elapsed().as_nanos().max(1) as u64;
         stats.flush_started_nanos.store(started, Ordering::Release);
         self.hooks.before_flush();
-        let result = self.shared.store.persist(shard, mark, hint, self.served[shard as usize]);
+        let (store, served) = (&self.shared.store, self.served[shard as usize]);
+        let result = match block {
+            Some((mark, hint)) => store.persist(shard, mark, hint, served),
+            None => store.record_served(shard, served),
+        };
         stats.flush_started_nanos.store(0, Ordering::Release);
         let took = result.map_err(|e| GenError::Storage(Arc::new(e)))?;
         if let Some(h) = stats.flush_micros.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {

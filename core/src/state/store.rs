@@ -144,10 +144,13 @@ impl Store {
         for (s, &mark) in best.iter().enumerate() {
             let mut lagging = false;
             for (m, (_, _, slots)) in loaded.iter().enumerate() {
-                if slots[s].mark < mark || slots[s].served < served[s] {
+                if slots[s].mark < mark {
                     behind[m] += 1;
                     lagging = true;
                 }
+                // Only the count behind (a stop between two mirrors'
+                // flushes of it): brought up to date without a report.
+                lagging |= slots[s].served < served[s];
             }
             if lagging {
                 lagging_shards.push(s as u32);
@@ -257,21 +260,41 @@ impl Store {
         if self.poisoned.load(Ordering::Acquire) {
             return Err(StateError::Poisoned);
         }
-        let result = self.persist_inner(shard, mark, hint, served);
+        let result = self.persist_inner(shard, Some((mark, hint)), served);
         if result.is_err() {
             self.poisoned.store(true, Ordering::Release);
         }
         result
     }
 
-    fn persist_inner(&self, shard: u32, mark: u64, hint: u32, served: u64) -> Result<Duration, StateError> {
+    /// Durably records `served` as the count of `shard`'s IDs known to have
+    /// been handed out, keeping its mark and hint (read under the shard's
+    /// lock, so a mark raised meanwhile is kept, never lowered). The count
+    /// is raised or capped as in [`persist`](Self::persist), and a failure
+    /// poisons the store the same way.
+    pub fn record_served(&self, shard: u32, served: u64) -> Result<Duration, StateError> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(StateError::Poisoned);
+        }
+        let result = self.persist_inner(shard, None, served);
+        if result.is_err() {
+            self.poisoned.store(true, Ordering::Release);
+        }
+        result
+    }
+
+    /// Writes `block` (a new mark and hint; `None` keeps both) and the
+    /// served count into `shard`'s slots, flushed.
+    fn persist_inner(&self, shard: u32, block: Option<(u64, u32)>, served: u64) -> Result<Duration, StateError> {
         let g = &self.header.geometry;
-        assert!(g.owns(shard) && mark <= g.shard_size(), "mark {mark} for shard {shard}");
+        let shard_size = g.shard_size();
+        assert!(g.owns(shard) && block.is_none_or(|(mark, _)| mark <= shard_size), "{block:?} for shard {shard}");
         let started = Instant::now();
         // Writing through the map into a truncated file would be a SIGBUS:
         // restore the file first (someone is copying over it, or cut it).
         self.heal_if_shrunk()?;
         let mut disk = self.shards[shard as usize].lock().unwrap_or_else(|p| p.into_inner());
+        let (mark, hint) = block.unwrap_or((self.mark(shard), self.hint(shard)));
         assert!(mark >= self.mark(shard), "marks never go back");
         // Checked under the lock, so `verify` never races a write.
         if self.poisoned.load(Ordering::Acquire) {
@@ -821,7 +844,8 @@ mod tests {
             let (store, _) = Store::open(&both).unwrap();
             assert_eq!(store.served(3), 0, "a new file has served nothing");
             store.persist(3, 40, 32, 10).unwrap();
-            store.persist(3, 40, 32, 25).unwrap(); // the count alone
+            store.record_served(3, 25).unwrap(); // the count alone
+            assert_eq!((store.mark(3), store.hint(3), store.served(3)), (40, 32, 25));
             store.persist(3, 48, 32, 5).unwrap(); // never lowered
             store.persist(4, 8, 8, 64).unwrap(); // capped at the mark
             assert_eq!((store.mark(3), store.served(3), store.served(4)), (48, 25, 8));
@@ -833,7 +857,7 @@ mod tests {
         {
             let (store, _) = Store::open(&both).unwrap();
             assert_eq!((store.mark(3), store.served(3)), (48, 25));
-            store.persist(3, 48, 32, 40).unwrap();
+            store.record_served(3, 40).unwrap();
         }
         // A mirror restored from an older copy: the larger count wins, and
         // the repair at open writes it back into the mirror.
