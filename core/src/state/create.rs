@@ -23,6 +23,12 @@ pub fn create(paths: &[PathBuf], header: &Header) -> Result<(), StateError> {
     // A server holding a path (even one whose file was just deleted) keeps
     // init away from it.
     let _locks = paths.iter().map(|p| lock_path(p)).collect::<Result<Vec<_>, _>>()?;
+    // Before anything is refused: a run killed after linking some or all
+    // of its copies left its temporaries too, and this run may stop at the
+    // check below.
+    for path in paths {
+        remove_abandoned_temps(path);
+    }
     check_none_exist(paths)?;
     let g = &header.geometry;
     let mut contents = Vec::with_capacity(g.file_len() as usize);
@@ -212,7 +218,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (dir.path().join("a"), dir.path().join("b"));
         create(std::slice::from_ref(&a), &small()).unwrap();
+        // What a run killed between its two links leaves besides `a`.
+        let abandoned = [dir.path().join(".a.tmp-424242"), dir.path().join(".b.tmp-424242")];
+        std::fs::hard_link(&a, &abandoned[0]).unwrap();
+        std::fs::copy(&a, &abandoned[1]).unwrap();
         let err = create(&[a.clone(), b.clone()], &small()).unwrap_err();
+        assert!(abandoned.iter().all(|t| !t.exists()), "a refused init still removes the temporaries");
+        assert!(a.exists());
         assert!(
             matches!(&err, StateError::InterruptedInit { existing, missing } if existing == std::slice::from_ref(&a) && missing == std::slice::from_ref(&b)),
             "{err}"
