@@ -12,6 +12,12 @@ the repository root after `cargo build --release --workspace`:
     python3 perf/bench.py --only python         # the Python client (clients/python/bench.py)
     python3 perf/bench.py --only builds --baseline-rev c139caf    # before/after, side by side
     python3 perf/bench.py --only builds --baseline-bin OTHER/tradeid --baseline-label "before X"
+    python3 perf/bench.py --only restarts --baseline-rev 1360fe5^   # IDs reserved vs served over many restarts
+
+`--only restarts` counts IDs, not time: each build is started and stopped
+`--restarts` times on a state file of its own (half SIGTERM, half kill -9),
+serving the same few requests each time, and `inspect` then tells how many
+IDs the restarts reserved against how many the client received.
 
 `--only builds` compares this build with another build of tradeid, single
 ID and bulk, each as a ratio to the echo baseline, rotated in one run.
@@ -183,6 +189,57 @@ def builds(o):
         e, t, b = (med(runs[k], "requests_per_second") for k in ("echo", "this", "baseline"))
         name = "single ID" if batch == 1 else f"bulk {batch}"
         print(f"| {name} | {e:,.0f} | {t:,.0f} | {t / e:.3f} | {b:,.0f} | {b / e:.3f} | {t / b:.3f} |")
+        sys.stdout.flush()
+
+
+def restarts(o):
+    """IDs reserved against IDs served over many restarts of a lightly
+    loaded server, for this build and, with --baseline-rev/-bin, another:
+    what each restart costs the space. Every ID received is checked unique."""
+    import socket
+    builds = [("this build", TRADEID)]
+    if o.baseline_rev:
+        builds.append((o.baseline_rev, build_rev(o.baseline_rev)))
+    elif o.baseline_bin:
+        builds.append((o.baseline_label, o.baseline_bin))
+    requests, batch = 124, 175
+    request = bytes([0x49, 0x44, 0x01, 0x01]) + batch.to_bytes(2, "big") + bytes(2)
+    print(f"\n### {o.restarts} restarts, 2 workers, {requests} requests of {batch} IDs each time, "
+          "every other one ended by kill -9\n")
+    print("| build | IDs received (all unique) | reserved | reserved per restart | reserved / received | served (inspect) |")
+    print("|---|---|---|---|---|---|")
+    for label, binary in builds:
+        state = os.path.join(tempfile.mkdtemp(prefix="tradeid-bench-"), "state")
+        subprocess.run([binary, "init", "--state", state], check=True, stdout=subprocess.DEVNULL)
+        seen = set()
+        for r in range(o.restarts):
+            server = Server([binary, "serve", "--state", state, "--listen", "127.0.0.1:0", "--workers", "2"])
+            host, port = server.addr.rsplit(":", 1)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.settimeout(2)
+                for _ in range(requests):
+                    sock.sendto(request, (host, int(port)))
+                    reply = sock.recv(65536)
+                    if reply.startswith(b"!"):
+                        continue
+                    for k in range(0, len(reply), 7):
+                        id_ = reply[k:k + 7]
+                        if id_ in seen:
+                            sys.exit(f"{label}: {id_!r} handed out twice")
+                        seen.add(id_)
+            if r % 2:
+                server.stop()
+            else:
+                server.proc.kill()
+                server.proc.wait()
+        text = subprocess.run([binary, "inspect", "--state", state], check=True, capture_output=True,
+                              text=True).stdout
+        fields = {l.split()[0]: l.split()[1:] for l in text.splitlines() if l.strip()}
+        # Builds before the served count print the reserved count as "used".
+        reserved = int((fields.get("reserved") or fields["used"])[0])
+        served = f"at least {int(fields['served'][2]):,}" if "served" in fields else "not recorded"
+        print(f"| {label} | {len(seen):,} | {reserved:,} | {reserved / o.restarts:,.0f} | "
+              f"{reserved / len(seen):.2f} | {served} |")
         sys.stdout.flush()
 
 
@@ -495,6 +552,7 @@ def main():
     p.add_argument("--baseline-bin", help="for --only builds: a tradeid binary from another commit")
     p.add_argument("--baseline-rev", help="for --only builds: a git revision to build and compare with (e.g. c139caf)")
     p.add_argument("--baseline-label", default="baseline", help="what to call --baseline-bin in the table")
+    p.add_argument("--restarts", type=int, default=100, help="for --only restarts: starts and stops per build")
     o = p.parse_args()
     subprocess.run(["cargo", "build", "--release", "--workspace", "--quiet"], cwd=ROOT, check=True)
     for name in o.only.split(","):
