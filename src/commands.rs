@@ -224,8 +224,7 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         say!("WARNING        {e}");
     }
     // Reserved is what no start will ever hand out again; served is what
-    // was handed out. The difference is held by a running server or was
-    // skipped by restarts.
+    // was handed out.
     say!("reserved       {used} of {capacity} ({:.4}%)", pct(used));
     let unserved = if h.cluster.is_some() {
         "were reserved by this or other nodes of the cluster (this file's marks are floors under etcd's)"

@@ -257,14 +257,7 @@ impl Store {
     /// counters below `mark` once this returns `Ok`. Any failure poisons the
     /// store: a flush is never retried (its outcome on disk is unknown).
     pub fn persist(&self, shard: u32, mark: u64, hint: u32, served: u64) -> Result<Duration, StateError> {
-        if self.poisoned.load(Ordering::Acquire) {
-            return Err(StateError::Poisoned);
-        }
-        let result = self.persist_inner(shard, Some((mark, hint)), served);
-        if result.is_err() {
-            self.poisoned.store(true, Ordering::Release);
-        }
-        result
+        self.write_slot(shard, Some((mark, hint)), served)
     }
 
     /// Durably records `served` as the count of `shard`'s IDs known to have
@@ -273,10 +266,16 @@ impl Store {
     /// is raised or capped as in [`persist`](Self::persist), and a failure
     /// poisons the store the same way.
     pub fn record_served(&self, shard: u32, served: u64) -> Result<Duration, StateError> {
+        self.write_slot(shard, None, served)
+    }
+
+    /// [`persist`](Self::persist) and [`record_served`](Self::record_served):
+    /// refused once poisoned, and any failure poisons.
+    fn write_slot(&self, shard: u32, block: Option<(u64, u32)>, served: u64) -> Result<Duration, StateError> {
         if self.poisoned.load(Ordering::Acquire) {
             return Err(StateError::Poisoned);
         }
-        let result = self.persist_inner(shard, None, served);
+        let result = self.write_slot_inner(shard, block, served);
         if result.is_err() {
             self.poisoned.store(true, Ordering::Release);
         }
@@ -285,7 +284,7 @@ impl Store {
 
     /// Writes `block` (a new mark and hint; `None` keeps both) and the
     /// served count into `shard`'s slots, flushed.
-    fn persist_inner(&self, shard: u32, block: Option<(u64, u32)>, served: u64) -> Result<Duration, StateError> {
+    fn write_slot_inner(&self, shard: u32, block: Option<(u64, u32)>, served: u64) -> Result<Duration, StateError> {
         let g = &self.header.geometry;
         let shard_size = g.shard_size();
         assert!(g.owns(shard) && block.is_none_or(|(mark, _)| mark <= shard_size), "{block:?} for shard {shard}");
@@ -497,20 +496,12 @@ impl Store {
             };
             let mark = mark.max(theirs.map_or(0, |t| t.mark));
             let served = served.max(theirs.map_or(0, |t| t.served));
+            let encode = |seq, slot| encode_slot(seq, mark, hint, served, file_id, shard, slot);
             let mut bytes = vec![0u8; SHARD_RECORD_LEN];
             let newest = usize::from(slot) * SLOT_LEN;
             let older = usize::from(1 - slot) * SLOT_LEN;
-            bytes[newest..newest + SLOT_LEN]
-                .copy_from_slice(&encode_slot(seq, mark, hint, served, file_id, shard, slot));
-            bytes[older..older + SLOT_LEN].copy_from_slice(&encode_slot(
-                seq - 1,
-                mark,
-                hint,
-                served,
-                file_id,
-                shard,
-                1 - slot,
-            ));
+            bytes[newest..newest + SLOT_LEN].copy_from_slice(&encode(seq, slot));
+            bytes[older..older + SLOT_LEN].copy_from_slice(&encode(seq - 1, 1 - slot));
             writes.push((slot_offset(shard, 0), bytes));
             self.marks[shard as usize].fetch_max(mark, Ordering::AcqRel);
             self.served[shard as usize].fetch_max(served.min(mark), Ordering::Relaxed);
