@@ -418,9 +418,10 @@ fn pump(
     let _ = to.shutdown(std::net::Shutdown::Both);
 }
 
-/// A free loopback port (bound, then released for etcd to take).
+/// A free loopback port for etcd to take, and to take again when a test
+/// restarts a member on the same addresses (see [`stable_port`]).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    crate::harness::stable_port()
 }
 
 /// POSTs JSON to etcd's gRPC gateway; `None` if it does not answer 200.

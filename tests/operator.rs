@@ -48,8 +48,7 @@ fn a_second_server_on_a_held_port_is_refused() {
 #[test]
 fn two_servers_started_at_once_never_share_an_address() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let listen = format!("127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{}", stable_port()); // used again each round
     for round in 0..5 {
         let states: Vec<_> = (0..2).map(|i| init_state(dir.path(), &format!("r{round}-{i}"), &[])).collect();
         let mut children: Vec<_> = states

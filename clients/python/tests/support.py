@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import random
 import signal
 import socket
 import subprocess
@@ -146,12 +147,36 @@ class Server:
         return total
 
 
+_GIVEN_PORTS: "set[int]" = set()
+
+
 def free_udp_port(host: str = "127.0.0.1") -> int:
-    """A UDP port nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
+    """A UDP port nothing listens on right now, and that nothing else can
+    take while the test does not hold it: it lies below the kernel's
+    ephemeral range (net.ipv4.ip_local_port_range), where no bind to port
+    0 and no outgoing connection anywhere on the machine lands. A test that
+    stops a server and starts it again on the same port needs that: a port
+    from the ephemeral range can be taken in between, and the server then
+    rightly refuses to share it. Never the same port twice in one run."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    low, high = max(1024, ephemeral_low - 12000), ephemeral_low
+    assert high > low + 1000, f"the ephemeral range starts at {ephemeral_low}: no room below it for test ports"
+    for _ in range(1000):
+        port = random.randrange(low, high)
+        if port in _GIVEN_PORTS:
+            continue
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind((host, port))
+        except OSError:
+            continue
+        _GIVEN_PORTS.add(port)
         return port
+    raise AssertionError(f"no free UDP port in {low}..{high} after 1000 tries")
 
 
 def address(sock: socket.socket) -> str:
