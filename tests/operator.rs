@@ -43,6 +43,41 @@ fn a_second_server_on_a_held_port_is_refused() {
     drop(intruder);
 }
 
+/// A socket that joins the port of a running server (SO_REUSEPORT lets
+/// any socket of the same user in, at any time) is seen within a couple
+/// of seconds: one error naming the address, the gauge
+/// tradeid_listen_foreign_sockets, and a line once it is gone.
+#[test]
+fn a_socket_joining_a_running_server_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&init_state(dir.path(), "a", &[]), &["--workers", "2", "--admin", "127.0.0.1:0"]);
+    let gauge = "tradeid_listen_foreign_sockets";
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what} within 10 s; stderr:\n{}", daemon.stderr());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(daemon.metric(gauge), 0.0, "alone at start");
+    let options = tradeid_udp::SocketOptions {
+        recv_buffer: 1 << 16,
+        send_buffer: 1 << 16,
+        read_timeout: Duration::from_millis(100),
+    };
+    let (intruder, _, _) = tradeid_udp::bind_group(daemon.addr, 1, &options).unwrap();
+    let shared = format!("UDP {} (--listen) is now shared with 1 socket(s)", daemon.addr);
+    wait_for("the joiner reported", &|| daemon.metric(gauge) == 1.0 && daemon.stderr().contains(&shared));
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(daemon.stderr().matches("is now shared").count(), 1, "reported once: {}", daemon.stderr());
+    drop(intruder);
+    let alone = format!("UDP {} (--listen) is this server's alone again", daemon.addr);
+    wait_for("the address alone again", &|| daemon.metric(gauge) == 0.0 && daemon.stderr().contains(&alone));
+    // It kept serving throughout.
+    assert_eq!(fetch(daemon.addr, 10).len(), 10);
+}
+
 /// Two servers started at the same moment on one address: at least one
 /// refuses, so the address is never shared.
 #[test]

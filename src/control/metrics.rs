@@ -62,6 +62,9 @@ pub(crate) struct Observer {
     pub(crate) http_ids: OffPlaneIds,
     /// Where gRPC requests draw IDs from.
     pub(crate) grpc_ids: OffPlaneIds,
+    /// Sockets of other processes bound to our UDP address at the last
+    /// check (set by the control loop).
+    pub(crate) listen_foreign_sockets: AtomicU64,
 }
 
 struct RateSample {
@@ -102,6 +105,7 @@ impl Observer {
             grpc: ProtocolCounters::default(),
             http_ids: OffPlaneIds::new(Arc::clone(&generator)),
             grpc_ids: OffPlaneIds::new(Arc::clone(&generator)),
+            listen_foreign_sockets: AtomicU64::new(0),
             generator,
         }
     }
@@ -399,6 +403,12 @@ impl Observer {
             "gauge",
             "Upper bound of IDs skipped by one restart.",
             self.max_waste_per_restart as f64,
+        );
+        p.single(
+            "tradeid_listen_foreign_sockets",
+            "gauge",
+            "Sockets of other processes bound to the UDP --listen address at the last check (0 normally).",
+            self.listen_foreign_sockets.load(Ordering::Relaxed) as f64,
         );
         p.single(
             "tradeid_mirror_repaired_shards",

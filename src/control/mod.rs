@@ -19,8 +19,9 @@ use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
 
 use tradeid::state::{Integrity, StateError};
+use tradeid_udp::{self as udp, ForeignSocket};
 
-use crate::dataplane::Server;
+use crate::dataplane::{describe_sockets, Server};
 use crate::errors::SecondSignal;
 use metrics::Observer;
 use systemd::Notifier;
@@ -63,7 +64,7 @@ pub(crate) fn run(server: Server, config: Config) -> anyhow::Result<()> {
 }
 
 async fn control(server: Server, config: Config) -> anyhow::Result<()> {
-    let Server { generator, counters, local_addr, workers, cluster, start_report } = server;
+    let Server { generator, counters, local_addr, socket_inodes, workers, cluster, start_report } = server;
     let observer = Arc::new(Observer::new(
         generator,
         counters,
@@ -113,6 +114,8 @@ async fn control(server: Server, config: Config) -> anyhow::Result<()> {
     let mut capacity = CapacityAlarm::default();
     let mut send_errors = SendErrorLog::default();
     let mut verifying: Option<tokio::task::JoinHandle<Result<Integrity, StateError>>> = None;
+    let mut address = AddressWatch::new(local_addr, socket_inodes);
+    let mut watching: Option<tokio::task::JoinHandle<std::io::Result<Vec<ForeignSocket>>>> = None;
     let mut last_status = Instant::now();
     observer.sample_rate();
     let outcome = loop {
@@ -165,6 +168,23 @@ async fn control(server: Server, config: Config) -> anyhow::Result<()> {
                 if verifying.is_none() {
                     let generator = Arc::clone(&observer.generator);
                     verifying = Some(tokio::task::spawn_blocking(move || generator.store().verify()));
+                }
+                // And is our UDP address still ours alone? SO_REUSEPORT lets
+                // any socket of the same user join it at any time, not only
+                // before we start. (Off the runtime: it reads /proc.)
+                if watching.as_ref().is_some_and(|task| task.is_finished()) {
+                    match watching.take().expect("checked above").await {
+                        Ok(Ok(found)) => {
+                            observer.listen_foreign_sockets.store(found.len() as u64, Ordering::Relaxed);
+                            address.check(&found);
+                        }
+                        Ok(Err(e)) => tracing::warn!("cannot read /proc/net/udp to check that {local_addr} (--listen) is ours alone: {e}"),
+                        Err(e) => tracing::warn!("the --listen address check failed: {e}"),
+                    }
+                }
+                if watching.is_none() {
+                    let (addr, ours) = (local_addr, Arc::clone(&address.ours));
+                    watching = Some(tokio::task::spawn_blocking(move || udp::foreign_sockets_except(addr, &ours)));
                 }
                 if last_status.elapsed() >= Duration::from_secs(5) {
                     observer.sample_rate();
@@ -265,6 +285,59 @@ impl SendErrorLog {
     }
 }
 
+/// Reports sockets of other processes that joined our UDP address after
+/// start: an error when one appears (once per socket, not every second),
+/// and a line when the address is ours alone again.
+struct AddressWatch {
+    addr: SocketAddr,
+    /// Our workers' socket inodes.
+    ours: Arc<[u64]>,
+    /// The foreign sockets found at the last check, by inode.
+    known: Vec<u64>,
+}
+
+impl AddressWatch {
+    fn new(addr: SocketAddr, ours: Vec<u64>) -> AddressWatch {
+        AddressWatch { addr, ours: ours.into(), known: Vec::new() }
+    }
+
+    fn check(&mut self, found: &[ForeignSocket]) {
+        match self.report(found) {
+            Some(Report::Shared(line)) => tracing::error!("{line}"),
+            Some(Report::Alone(line)) => tracing::info!("{line}"),
+            None => {}
+        }
+    }
+
+    /// What to log for the foreign sockets `found` now, if anything.
+    fn report(&mut self, found: &[ForeignSocket]) -> Option<Report> {
+        let appeared = found.iter().any(|s| !self.known.contains(&s.inode));
+        let was_shared = !self.known.is_empty();
+        self.known = found.iter().map(|s| s.inode).collect();
+        if appeared {
+            Some(Report::Shared(format!(
+                "UDP {addr} (--listen) is now shared with {} socket(s) this server did not create ({}): the kernel gives them a share of the datagrams, and if one belongs to another ID server, the IDs it hands out are not from this server's space and may repeat. Stop the other process (find it with `ss -uapn 'sport = :{port}'`); this server keeps serving",
+                found.len(),
+                describe_sockets(found),
+                addr = self.addr,
+                port = self.addr.port(),
+            )))
+        } else if was_shared && found.is_empty() {
+            Some(Report::Alone(format!("UDP {} (--listen) is this server's alone again", self.addr)))
+        } else {
+            None
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Report {
+    /// Someone joined the address.
+    Shared(String),
+    /// Everyone else left it.
+    Alone(String),
+}
+
 /// Logs once as usage crosses 50, 80, 90 and 99% of the node's space.
 #[derive(Default)]
 struct CapacityAlarm {
@@ -289,6 +362,29 @@ impl CapacityAlarm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A socket that joins is reported once, with the address, the socket
+    /// and how to find its owner; another joining is reported again; the
+    /// address being ours alone again is said once.
+    #[test]
+    fn the_address_watch_reports_each_joiner_once() {
+        let addr: SocketAddr = "127.0.0.1:7070".parse().unwrap();
+        let mut watch = AddressWatch::new(addr, vec![1, 2]);
+        let socket = |inode| ForeignSocket { addr, inode, uid: 0 };
+        assert_eq!(watch.report(&[]), None, "alone from the start");
+        let Some(Report::Shared(line)) = watch.report(&[socket(9)]) else { panic!("a joiner is reported") };
+        assert!(line.contains("UDP 127.0.0.1:7070 (--listen) is now shared with 1 socket(s)"), "{line}");
+        assert!(line.contains("inode 9") && line.contains("sport = :7070"), "{line}");
+        assert_eq!(watch.report(&[socket(9)]), None, "reported once, not every second");
+        let Some(Report::Shared(line)) = watch.report(&[socket(9), socket(10)]) else { panic!("a second joiner") };
+        assert!(line.contains("2 socket(s)") && line.contains("inode 10"), "{line}");
+        assert_eq!(watch.report(&[socket(10)]), None, "one left, one stays: still shared, nothing new");
+        assert_eq!(
+            watch.report(&[]),
+            Some(Report::Alone("UDP 127.0.0.1:7070 (--listen) is this server's alone again".into()))
+        );
+        assert_eq!(watch.report(&[]), None);
+    }
 
     /// The error named is each refusing worker's latest, never a stale one
     /// of a worker that has been quiet since the last report.

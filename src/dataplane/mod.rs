@@ -103,6 +103,10 @@ pub struct Server {
     pub counters: Arc<[Arc<CachePadded<Counters>>]>,
     /// The address the sockets are bound to.
     pub local_addr: SocketAddr,
+    /// The inodes of the workers' sockets: everything else found bound to
+    /// `local_addr` later is another process's (see
+    /// [`udp::foreign_sockets_except`]).
+    pub(crate) socket_inodes: Vec<u64>,
     /// The worker threads.
     pub workers: Workers,
     /// Coordination state, in cluster mode.
@@ -201,6 +205,7 @@ impl Server {
         // Closes the race with a server that bound at the same moment: each
         // sees the other's sockets and refuses.
         refuse_shared_address(local_addr, &sockets)?;
+        let socket_inodes = udp::socket_inodes(&sockets).context("cannot read the worker sockets' inodes")?;
         // Linux reports twice the usable size; anything below what we asked
         // for means net.core.rmem_max / wmem_max capped it.
         if granted.recv < config.sockets.recv_buffer {
@@ -270,6 +275,7 @@ impl Server {
             generator,
             counters: counters.into(),
             local_addr,
+            socket_inodes,
             workers: Workers { stop, threads },
             cluster,
             start_report,
@@ -288,7 +294,7 @@ pub(crate) struct AddressTaken {
     pub(crate) others: Vec<udp::ForeignSocket>,
 }
 
-fn describe_sockets(others: &[udp::ForeignSocket]) -> String {
+pub(crate) fn describe_sockets(others: &[udp::ForeignSocket]) -> String {
     others.iter().map(|s| format!("{} inode {} uid {}", s.addr, s.inode, s.uid)).collect::<Vec<_>>().join("; ")
 }
 

@@ -132,10 +132,13 @@ pub struct ForeignSocket {
 /// share its address calls this after binding: if two servers start at
 /// once, each sees the other and at least one refuses.
 pub fn foreign_sockets(addr: SocketAddr, ours: &[UdpSocket]) -> io::Result<Vec<ForeignSocket>> {
-    let mut mine = Vec::with_capacity(ours.len());
-    for socket in ours {
-        mine.push(socket_inode(socket)?);
-    }
+    foreign_sockets_except(addr, &socket_inodes(ours)?)
+}
+
+/// [`foreign_sockets`], with our sockets named by their inodes (from
+/// [`socket_inodes`]): for a check repeated after the sockets have gone to
+/// their threads.
+pub fn foreign_sockets_except(addr: SocketAddr, mine: &[u64]) -> io::Result<Vec<ForeignSocket>> {
     let mut foreign = Vec::new();
     for table in ["/proc/self/net/udp", "/proc/self/net/udp6"] {
         let text = match std::fs::read_to_string(table) {
@@ -158,6 +161,11 @@ pub fn foreign_sockets(addr: SocketAddr, ours: &[UdpSocket]) -> io::Result<Vec<F
 /// Whether datagrams for `ours` could reach a socket bound to `theirs`.
 fn overlaps(theirs: IpAddr, ours: IpAddr) -> bool {
     theirs.is_unspecified() || ours.is_unspecified() || theirs.to_canonical() == ours.to_canonical()
+}
+
+/// The inodes of `sockets`, as [`foreign_sockets_except`] takes them.
+pub fn socket_inodes(sockets: &[UdpSocket]) -> io::Result<Vec<u64>> {
+    sockets.iter().map(socket_inode).collect()
 }
 
 /// The inode of a socket, from its `/proc/self/fd` entry.
