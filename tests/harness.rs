@@ -214,26 +214,40 @@ pub fn request(count: u16) -> Vec<u8> {
 
 /// A loopback port, free for both UDP and TCP when returned, that no
 /// `bind(":0")` and no outgoing connection anywhere on the machine can take
-/// while the test is not holding it: it lies below the kernel's ephemeral
+/// while the test is not holding it: it lies outside the kernel's ephemeral
 /// range (`net.ipv4.ip_local_port_range`), where the kernel never hands out
 /// ports by itself. Use it wherever a test stops something and starts it
 /// again on the same port: a port from the ephemeral range can be taken in
 /// between by any process, and a server then rightly refuses to share it.
-/// Never the same port twice in one test run.
+/// Never the same port twice in this process. (On a host whose ephemeral
+/// range leaves no room outside it, an ordinary free port.)
 pub fn stable_port() -> u16 {
     use std::hash::{BuildHasher, Hasher};
     static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
     let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
-    let ephemeral_low = range.split_whitespace().next().and_then(|v| v.parse::<u16>().ok()).unwrap_or(32768);
-    let (low, high) = (ephemeral_low.saturating_sub(12_000).max(1024), ephemeral_low);
-    assert!(high > low + 1000, "the ephemeral range starts at {ephemeral_low}: no room below it for test ports");
+    let mut bounds = range.split_whitespace().map(|v| v.parse::<u16>().ok());
+    let (first, last) = match (bounds.next().flatten(), bounds.next().flatten()) {
+        (Some(first), Some(last)) => (first, last),
+        _ => (32768, 60999),
+    };
+    // Below the range if there is room for a few thousand ports, else above.
+    let (low, high) = if first >= 1024 + 4000 {
+        (first.saturating_sub(12_000).max(1024), first)
+    } else if last <= 65535 - 4000 {
+        (last + 1, last.saturating_add(12_000))
+    } else {
+        return std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    };
     let mut given = GIVEN.lock().unwrap();
     for _ in 0..1000 {
         let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
         let port = low + (random % u64::from(high - low)) as u16;
+        if given.contains(&port) {
+            continue;
+        }
         let free =
             std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() && UdpSocket::bind(("127.0.0.1", port)).is_ok();
-        if free && !given.contains(&port) {
+        if free {
             given.push(port);
             return port;
         }

@@ -114,7 +114,8 @@ async fn control(server: Server, config: Config) -> anyhow::Result<()> {
     let mut capacity = CapacityAlarm::default();
     let mut send_errors = SendErrorLog::default();
     let mut verifying: Option<tokio::task::JoinHandle<Result<Integrity, StateError>>> = None;
-    let mut address = AddressWatch::new(local_addr, socket_inodes);
+    let mut address = AddressWatch::new(local_addr);
+    let ours: Arc<[u64]> = socket_inodes.into();
     let mut watching: Option<tokio::task::JoinHandle<std::io::Result<Vec<ForeignSocket>>>> = None;
     let mut last_status = Instant::now();
     observer.sample_rate();
@@ -178,12 +179,12 @@ async fn control(server: Server, config: Config) -> anyhow::Result<()> {
                             observer.listen_foreign_sockets.store(found.len() as u64, Ordering::Relaxed);
                             address.check(&found);
                         }
-                        Ok(Err(e)) => tracing::warn!("cannot read /proc/net/udp to check that {local_addr} (--listen) is ours alone: {e}"),
+                        Ok(Err(e)) => address.unreadable(&e),
                         Err(e) => tracing::warn!("the --listen address check failed: {e}"),
                     }
                 }
                 if watching.is_none() {
-                    let (addr, ours) = (local_addr, Arc::clone(&address.ours));
+                    let (addr, ours) = (local_addr, Arc::clone(&ours));
                     watching = Some(tokio::task::spawn_blocking(move || udp::foreign_sockets_except(addr, &ours)));
                 }
                 if last_status.elapsed() >= Duration::from_secs(5) {
@@ -290,18 +291,30 @@ impl SendErrorLog {
 /// and a line when the address is ours alone again.
 struct AddressWatch {
     addr: SocketAddr,
-    /// Our workers' socket inodes.
-    ours: Arc<[u64]>,
     /// The foreign sockets found at the last check, by inode.
     known: Vec<u64>,
+    /// Whether the last check could not read /proc (said once).
+    unreadable: bool,
 }
 
 impl AddressWatch {
-    fn new(addr: SocketAddr, ours: Vec<u64>) -> AddressWatch {
-        AddressWatch { addr, ours: ours.into(), known: Vec::new() }
+    fn new(addr: SocketAddr) -> AddressWatch {
+        AddressWatch { addr, known: Vec::new(), unreadable: false }
+    }
+
+    /// A check that could not read /proc: warned once, until one can.
+    fn unreadable(&mut self, e: &std::io::Error) {
+        if !self.unreadable {
+            tracing::warn!(
+                "cannot read /proc/net/udp to check that UDP {} (--listen) is this server's alone: {e}; the check goes on trying every second",
+                self.addr
+            );
+            self.unreadable = true;
+        }
     }
 
     fn check(&mut self, found: &[ForeignSocket]) {
+        self.unreadable = false;
         match self.report(found) {
             Some(Report::Shared(line)) => tracing::error!("{line}"),
             Some(Report::Alone(line)) => tracing::info!("{line}"),
@@ -316,7 +329,7 @@ impl AddressWatch {
         self.known = found.iter().map(|s| s.inode).collect();
         if appeared {
             Some(Report::Shared(format!(
-                "UDP {addr} (--listen) is now shared with {} socket(s) this server did not create ({}): the kernel gives them a share of the datagrams, and if one belongs to another ID server, the IDs it hands out are not from this server's space and may repeat. Stop the other process (find it with `ss -uapn 'sport = :{port}'`); this server keeps serving",
+                "UDP {addr} (--listen) is now shared with {} socket(s) this server did not create ({}): on the same port, at the same address or a wildcard, they can take datagrams meant for this server, and if one belongs to another ID server, the IDs it hands out are not from this server's space and may repeat. Stop the other process (find it with `ss -uapn 'sport = :{port}'`); this server keeps serving",
                 found.len(),
                 describe_sockets(found),
                 addr = self.addr,
@@ -369,7 +382,7 @@ mod tests {
     #[test]
     fn the_address_watch_reports_each_joiner_once() {
         let addr: SocketAddr = "127.0.0.1:7070".parse().unwrap();
-        let mut watch = AddressWatch::new(addr, vec![1, 2]);
+        let mut watch = AddressWatch::new(addr);
         let socket = |inode| ForeignSocket { addr, inode, uid: 0 };
         assert_eq!(watch.report(&[]), None, "alone from the start");
         let Some(Report::Shared(line)) = watch.report(&[socket(9)]) else { panic!("a joiner is reported") };

@@ -152,19 +152,27 @@ _GIVEN_PORTS: "set[int]" = set()
 
 def free_udp_port(host: str = "127.0.0.1") -> int:
     """A UDP port nothing listens on right now, and that nothing else can
-    take while the test does not hold it: it lies below the kernel's
+    take while the test does not hold it: it lies outside the kernel's
     ephemeral range (net.ipv4.ip_local_port_range), where no bind to port
     0 and no outgoing connection anywhere on the machine lands. A test that
     stops a server and starts it again on the same port needs that: a port
     from the ephemeral range can be taken in between, and the server then
-    rightly refuses to share it. Never the same port twice in one run."""
+    rightly refuses to share it. Never the same port twice in this process.
+    (On a host whose ephemeral range leaves no room outside it, an ordinary
+    free port.)"""
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            ephemeral_low = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        ephemeral_low = 32768
-    low, high = max(1024, ephemeral_low - 12000), ephemeral_low
-    assert high > low + 1000, f"the ephemeral range starts at {ephemeral_low}: no room below it for test ports"
+            first, last = (int(v) for v in f.read().split()[:2])
+    except (OSError, ValueError):
+        first, last = 32768, 60999
+    if first >= 1024 + 4000:  # below the range if there is room, else above
+        low, high = max(1024, first - 12000), first
+    elif last <= 65535 - 4000:
+        low, high = last + 1, min(65535, last + 12000)
+    else:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((host, 0))
+            return int(s.getsockname()[1])
     for _ in range(1000):
         port = random.randrange(low, high)
         if port in _GIVEN_PORTS:
