@@ -113,10 +113,10 @@ async fn control(server: Server, config: Config) -> anyhow::Result<()> {
     let mut beats = observer.heartbeats();
     let mut capacity = CapacityAlarm::default();
     let mut send_errors = SendErrorLog::default();
-    let mut verifying: Option<tokio::task::JoinHandle<Result<Integrity, StateError>>> = None;
+    let mut verifying: OffRuntime<Result<Integrity, StateError>> = OffRuntime::default();
     let mut address = AddressWatch::new(local_addr);
     let ours: Arc<[u64]> = socket_inodes.into();
-    let mut watching: Option<tokio::task::JoinHandle<std::io::Result<Vec<ForeignSocket>>>> = None;
+    let mut watching: OffRuntime<std::io::Result<Vec<ForeignSocket>>> = OffRuntime::default();
     let mut last_status = Instant::now();
     observer.sample_rate();
     let outcome = loop {
@@ -152,8 +152,7 @@ async fn control(server: Server, config: Config) -> anyhow::Result<()> {
                 // Every second, whether traffic flows or not: is the state
                 // file at its path still the one we write? (Off the runtime:
                 // it stats and reads the file.)
-                if verifying.as_ref().is_some_and(|task| task.is_finished()) {
-                    let verdict = verifying.take().expect("checked above").await;
+                if let Some(verdict) = verifying.finished().await {
                     match verdict {
                         Ok(Ok(Integrity::Intact | Integrity::Busy)) => {}
                         Ok(Ok(Integrity::Repaired { path, records })) => tracing::error!(
@@ -166,15 +165,13 @@ async fn control(server: Server, config: Config) -> anyhow::Result<()> {
                         Err(e) => tracing::warn!("the state file check failed: {e}"),
                     }
                 }
-                if verifying.is_none() {
-                    let generator = Arc::clone(&observer.generator);
-                    verifying = Some(tokio::task::spawn_blocking(move || generator.store().verify()));
-                }
+                let generator = Arc::clone(&observer.generator);
+                verifying.start_unless_running(move || generator.store().verify());
                 // And is our UDP address still ours alone? SO_REUSEPORT lets
                 // any socket of the same user join it at any time, not only
                 // before we start. (Off the runtime: it reads /proc.)
-                if watching.as_ref().is_some_and(|task| task.is_finished()) {
-                    match watching.take().expect("checked above").await {
+                if let Some(outcome) = watching.finished().await {
+                    match outcome {
                         Ok(Ok(found)) => {
                             observer.listen_foreign_sockets.store(found.len() as u64, Ordering::Relaxed);
                             address.check(&found);
@@ -183,10 +180,8 @@ async fn control(server: Server, config: Config) -> anyhow::Result<()> {
                         Err(e) => tracing::warn!("the --listen address check failed: {e}"),
                     }
                 }
-                if watching.is_none() {
-                    let (addr, ours) = (local_addr, Arc::clone(&ours));
-                    watching = Some(tokio::task::spawn_blocking(move || udp::foreign_sockets_except(addr, &ours)));
-                }
+                let ours = Arc::clone(&ours);
+                watching.start_unless_running(move || udp::foreign_sockets_except(local_addr, &ours));
                 if last_status.elapsed() >= Duration::from_secs(5) {
                     observer.sample_rate();
                     notifier.send(&format!("STATUS={}", observer.status_line()));
@@ -283,6 +278,33 @@ impl SendErrorLog {
             "the kernel refused {new} replies since the last report ({total} in all; latest error per worker: {}); check firewalls and the send buffer (--send-buffer)",
             errors.join(", ")
         ))
+    }
+}
+
+/// A check run off the runtime (it does blocking I/O), one run at a time:
+/// a run that has not finished (a stuck disk) is not stacked upon.
+struct OffRuntime<T>(Option<tokio::task::JoinHandle<T>>);
+
+impl<T> Default for OffRuntime<T> {
+    fn default() -> Self {
+        OffRuntime(None)
+    }
+}
+
+impl<T: Send + 'static> OffRuntime<T> {
+    /// The outcome of the run started last, once it has finished.
+    async fn finished(&mut self) -> Option<Result<T, tokio::task::JoinError>> {
+        match self.0.take_if(|task| task.is_finished()) {
+            Some(task) => Some(task.await),
+            None => None,
+        }
+    }
+
+    /// Starts `check` on the blocking pool, unless a run is still going.
+    fn start_unless_running(&mut self, check: impl FnOnce() -> T + Send + 'static) {
+        if self.0.is_none() {
+            self.0 = Some(tokio::task::spawn_blocking(check));
+        }
     }
 }
 

@@ -203,9 +203,10 @@ impl Server {
                 )
             })?;
         // Closes the race with a server that bound at the same moment: each
-        // sees the other's sockets and refuses.
-        refuse_shared_address(local_addr, &sockets)?;
+        // sees the other's sockets and refuses. (The control plane checks
+        // again every second, by the same inodes.)
         let socket_inodes = udp::socket_inodes(&sockets).context("cannot read the worker sockets' inodes")?;
+        refuse_shared_address(local_addr, &socket_inodes)?;
         // Linux reports twice the usable size; anything below what we asked
         // for means net.core.rmem_max / wmem_max capped it.
         if granted.recv < config.sockets.recv_buffer {
@@ -298,11 +299,11 @@ pub(crate) fn describe_sockets(others: &[udp::ForeignSocket]) -> String {
     others.iter().map(|s| format!("{} inode {} uid {}", s.addr, s.inode, s.uid)).collect::<Vec<_>>().join("; ")
 }
 
-/// Refuses to serve on `addr` if any socket but `ours` could receive its
-/// datagrams.
-fn refuse_shared_address(addr: SocketAddr, ours: &[std::net::UdpSocket]) -> anyhow::Result<()> {
-    let others =
-        udp::foreign_sockets(addr, ours).context("cannot read /proc/net/udp to check that --listen is ours alone")?;
+/// Refuses to serve on `addr` if any socket but ours (by inode) could
+/// receive its datagrams.
+fn refuse_shared_address(addr: SocketAddr, ours: &[u64]) -> anyhow::Result<()> {
+    let others = udp::foreign_sockets_except(addr, ours)
+        .context("cannot read /proc/net/udp to check that --listen is ours alone")?;
     if others.is_empty() {
         Ok(())
     } else {
