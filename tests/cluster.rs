@@ -457,15 +457,6 @@ fn node_id(node: &Daemon) -> String {
     line.split("node=\"").nth(1).unwrap().split('"').next().unwrap().to_string()
 }
 
-/// Polls `check` every 100 ms until it holds or `limit` passes.
-fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check() {
-        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Runs `nodes` one-worker nodes of a small cluster until every node
 /// answers !ERR507 many times in a row; returns every ID they handed out
 /// and the nodes (for their metrics).
@@ -646,7 +637,7 @@ fn mismatched_files_and_clusters_are_refused() {
         String::from_utf8_lossy(&out.stderr)
     );
     // etcd down: a clear error naming the endpoint, exit 69.
-    let dead = format!("http://127.0.0.1:{}", crate::etcd::free_port());
+    let dead = format!("http://127.0.0.1:{}", stable_port());
     let out = run(&["inspect", "--etcd", &dead, "--cluster", "alpha"]);
     assert_eq!(out.status.code(), Some(69), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(

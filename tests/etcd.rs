@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::harness::stable_port;
+
 /// One etcd member.
 struct Member {
     name: String,
@@ -68,14 +70,14 @@ impl Etcd {
 
     /// Starts `count` members on fresh ports. A member that exits before
     /// the cluster is healthy most likely lost its port to another test
-    /// between [`free_port`] and its bind: that start is thrown away and
+    /// between [`stable_port`] and its bind: that start is thrown away and
     /// tried again on other ports (three times at most).
     fn start_with(count: usize, tls: Option<Tls>, extra: &[&str]) -> Etcd {
         let mut failures = Vec::new();
         for _ in 0..3 {
             let dir = tempfile::tempdir().unwrap();
             let members = (0..count)
-                .map(|i| Member { name: format!("m{i}"), client: free_port(), peer: free_port(), child: None })
+                .map(|i| Member { name: format!("m{i}"), client: stable_port(), peer: stable_port(), child: None })
                 .collect();
             let extra = extra.iter().map(|a| a.to_string()).collect();
             let mut etcd = Etcd { members, dir, tls: tls.clone(), extra, auth: false };
@@ -416,12 +418,6 @@ fn pump(
     }
     let _ = from.shutdown(std::net::Shutdown::Both);
     let _ = to.shutdown(std::net::Shutdown::Both);
-}
-
-/// A free loopback port for etcd to take, and to take again when a test
-/// restarts a member on the same addresses (see [`stable_port`]).
-pub fn free_port() -> u16 {
-    crate::harness::stable_port()
 }
 
 /// POSTs JSON to etcd's gRPC gateway; `None` if it does not answer 200.

@@ -212,6 +212,15 @@ pub fn request(count: u16) -> Vec<u8> {
     vec![0x49, 0x44, 0x01, 0x01, c[0], c[1], 0, 0]
 }
 
+/// Polls `check` every 100 ms until it holds or `limit` passes.
+pub fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A loopback port, free for both UDP and TCP when returned, that no
 /// `bind(":0")` and no outgoing connection anywhere on the machine can take
 /// while the test is not holding it: it lies outside the kernel's ephemeral

@@ -27,12 +27,7 @@ fn a_second_server_on_a_held_port_is_refused() {
         insert_unique(&mut seen, fetch(first.addr, 20));
     }
     // A socket of another program that joined the port with SO_REUSEPORT.
-    let options = tradeid_udp::SocketOptions {
-        recv_buffer: 1 << 16,
-        send_buffer: 1 << 16,
-        read_timeout: Duration::from_millis(100),
-    };
-    let (intruder, taken, _) = tradeid_udp::bind_group("127.0.0.1:0".parse().unwrap(), 1, &options).unwrap();
+    let (intruder, taken) = reuse_port_socket("127.0.0.1:0".parse().unwrap());
     let out = run(&["serve", "--state", second.to_str().unwrap(), "--listen", &taken.to_string()]);
     assert!(!out.status.success());
     assert!(
@@ -52,30 +47,34 @@ fn a_socket_joining_a_running_server_is_reported() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(&init_state(dir.path(), "a", &[]), &["--workers", "2", "--admin", "127.0.0.1:0"]);
     let gauge = "tradeid_listen_foreign_sockets";
-    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !done() {
-            assert!(Instant::now() < deadline, "{what} within 10 s; stderr:\n{}", daemon.stderr());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(daemon.metric(gauge), 0.0, "alone at start");
+    let (intruder, _) = reuse_port_socket(daemon.addr);
+    let shared = format!("UDP {} (--listen) is now shared with 1 socket(s)", daemon.addr);
+    eventually(Duration::from_secs(10), "the joiner reported", || {
+        daemon.metric(gauge) == 1.0 && daemon.stderr().contains(&shared)
+    });
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(daemon.stderr().matches("is now shared").count(), 1, "reported once: {}", daemon.stderr());
+    drop(intruder);
+    let alone = format!("UDP {} (--listen) is this server's alone again", daemon.addr);
+    eventually(Duration::from_secs(10), "the address alone again", || {
+        daemon.metric(gauge) == 0.0 && daemon.stderr().contains(&alone)
+    });
+    // It kept serving throughout.
+    assert_eq!(fetch(daemon.addr, 10).len(), 10);
+}
+
+/// A socket of another program on `addr`, with SO_REUSEPORT as tradeid's
+/// own (so it joins a port tradeid holds); and its address.
+fn reuse_port_socket(addr: std::net::SocketAddr) -> (Vec<std::net::UdpSocket>, std::net::SocketAddr) {
     let options = tradeid_udp::SocketOptions {
         recv_buffer: 1 << 16,
         send_buffer: 1 << 16,
         read_timeout: Duration::from_millis(100),
     };
-    let (intruder, _, _) = tradeid_udp::bind_group(daemon.addr, 1, &options).unwrap();
-    let shared = format!("UDP {} (--listen) is now shared with 1 socket(s)", daemon.addr);
-    wait_for("the joiner reported", &|| daemon.metric(gauge) == 1.0 && daemon.stderr().contains(&shared));
-    std::thread::sleep(Duration::from_millis(2500));
-    assert_eq!(daemon.stderr().matches("is now shared").count(), 1, "reported once: {}", daemon.stderr());
-    drop(intruder);
-    let alone = format!("UDP {} (--listen) is this server's alone again", daemon.addr);
-    wait_for("the address alone again", &|| daemon.metric(gauge) == 0.0 && daemon.stderr().contains(&alone));
-    // It kept serving throughout.
-    assert_eq!(fetch(daemon.addr, 10).len(), 10);
+    let (socket, bound, _) = tradeid_udp::bind_group(addr, 1, &options).unwrap();
+    (socket, bound)
 }
 
 /// Two servers started at the same moment on one address: at least one
